@@ -1,0 +1,194 @@
+"""Concepts at the DRSA layer: data for DRSA, concept relevance R(k), latent analysis, heatmaps.
+
+This is the glue of stages 1 and 2 of the paper:
+
+* :func:`collect_activations_contexts` samples activations and LRP contexts at the layer
+  (20 random positions per image over the DRSA set), the input of :func:`cnp.drsa.fit`;
+* :func:`fit_concepts` runs DRSA and returns the subspaces ``U_k``;
+* :func:`concept_scores` gives every image's concept relevance ``R(k)`` through the virtual
+  layer;
+* :func:`latent_analysis` scores each subspace by the average precision of ``R(k)`` against
+  ground-truth watermark labels and :func:`propose_ablation` turns that into ``K'``;
+* :func:`subspace_heatmaps` computes one pixel heatmap per subspace (all K in one backward pass)
+  for the human evaluation, and :func:`subspace_mask_share` the share of each subspace's
+  relevance on watermark pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnp import drsa
+from cnp.data.splits import Split, normalize_images
+from cnp.evaluate import mask_share, pixel_relevance
+from cnp.io import CNPError
+from cnp.lrp import LRP, LRPConfig, contexts
+from cnp.runtime import progress
+from cnp.virtual_layer import VirtualLayer
+
+
+def collect_activations_contexts(
+    model: nn.Module, split: Split, layer: str = "relu4_3", target: int = 1,
+    n_positions: int = 20, seed: int = 0, batch_size: int = 50, lrp_config: LRPConfig | None = None,
+    device: torch.device | str = "cpu", verbose: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations and contexts ``(A, C)``, each (n_images * n_positions, D), at ``layer``.
+
+    Contexts are computed directly (see :mod:`cnp.lrp`), w.r.t. logit ``target``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    As, Cs = [], []
+    it = range(0, len(split), batch_size)
+    for start in progress(it, desc="contexts", disable=not verbose):
+        x = normalize_images(split.images[start:start + batch_size], device)
+        a, c, _ = contexts(model, x, layer, target, lrp_config)
+        A, C = drsa.sample_positions(a.cpu(), c.cpu(), n_positions=n_positions, generator=g)
+        As.append(A)
+        Cs.append(C)
+    return torch.cat(As), torch.cat(Cs)
+
+
+@dataclass
+class ConceptFit:
+    """Result of :func:`fit_concepts`."""
+
+    U: torch.Tensor
+    K: int
+    J: float
+    history: list[float]
+    layer: str
+    A: torch.Tensor | None = field(default=None, repr=False)
+    C: torch.Tensor | None = field(default=None, repr=False)
+
+
+def fit_concepts(
+    model: nn.Module, split: Split, K: int = 4, layer: str = "relu4_3", steps: int = 500,
+    restarts: int = 3, seed: int = 0, n_positions: int = 20, method: str = "drsa",
+    lrp_config: LRPConfig | None = None, device: torch.device | str = "cpu", init: torch.Tensor | None = None,
+    checkpoint=None, keep_data: bool = False, verbose: bool = True,
+) -> ConceptFit:
+    """Learn K concept subspaces at ``layer`` from the positive images of ``split``.
+
+    ``method='drsa'`` (the paper) or ``'prca'`` (baseline: PRCA eigenbasis cut into K blocks).
+    """
+    A, C = collect_activations_contexts(model, split, layer, 1, n_positions, seed, lrp_config=lrp_config,
+                                        device=device, verbose=verbose)
+    An, Cn = drsa.normalize(A, C)
+    if method == "prca":
+        U = drsa.prca(An, Cn)
+        J = float(drsa.objective(An, Cn, U, K))
+        return ConceptFit(U=U, K=K, J=J, history=[J], layer=layer,
+                          A=A if keep_data else None, C=C if keep_data else None)
+    if method != "drsa":
+        raise CNPError(f"unknown subspace method {method!r}; use 'drsa' or 'prca'")
+    res = drsa.fit(An.to(device), Cn.to(device), K, steps, init=init, restarts=restarts, seed=seed,
+                   progress=verbose, checkpoint=checkpoint)
+    return ConceptFit(U=res.U.cpu(), K=K, J=float(res.J), history=[float(v) for v in res.history],
+                      layer=layer, A=A if keep_data else None, C=C if keep_data else None)
+
+
+def concept_scores(model: nn.Module, vl: VirtualLayer, split: Split, target: int = 1,
+                   batch_size: int = 64, lrp_config: LRPConfig | None = None,
+                   device: torch.device | str = "cpu", verbose: bool = False) -> torch.Tensor:
+    """Concept relevance ``R(k)`` of every image of ``split``: (n, K), through the virtual layer."""
+    lrp = LRP(model, lrp_config)
+    out = []
+    was = vl.enabled
+    vl.enabled = True
+    try:
+        for start in progress(range(0, len(split), batch_size), desc="R(k)", disable=not verbose):
+            x = normalize_images(split.images[start:start + batch_size], device)
+            lrp.attribute(x, target, input_relevance=False)
+            out.append(vl.last_concept_relevance.cpu())
+    finally:
+        vl.enabled = was
+    return torch.cat(out)
+
+
+def latent_analysis(scores: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Average precision of each subspace's score ``R(k)`` against binary attribute labels.
+
+    Raises
+    ------
+    CNPError
+        When the labels are all 0 or all 1 (AP is undefined).
+    """
+    from sklearn.metrics import average_precision_score
+
+    y = labels.cpu().numpy().astype(int)
+    if y.min() == y.max():
+        raise CNPError("latent analysis needs images with and without the attribute (e.g. watermark); "
+                       "the labels given are all the same")
+    s = scores.cpu().double().numpy()
+    return [float(average_precision_score(y, s[:, k])) for k in range(s.shape[1])]
+
+
+def propose_ablation(ap: list[float], threshold: float = 0.85, max_ablate: int | None = 1) -> list[int]:
+    """``K'`` from latent analysis: the subspaces whose AP reaches ``threshold``, best first.
+
+    At most ``max_ablate`` (None: no limit) and never all of them; if none reaches the
+    threshold, the single best subspace is proposed (check it with the heatmaps).
+    """
+    order = np.argsort(ap)[::-1].tolist()
+    chosen = [k for k in order if ap[k] >= threshold]
+    if not chosen:
+        chosen = order[:1]
+    if max_ablate is not None:
+        chosen = chosen[:max_ablate]
+    return sorted(chosen[: len(ap) - 1])
+
+
+def subspace_heatmaps(model: nn.Module, vl: VirtualLayer, x: torch.Tensor, target: int = 1,
+                      lrp_config: LRPConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel heatmaps of each subspace and the overall heatmap, in one backward pass.
+
+    Each image is repeated K + 1 times: replica k back-propagates only the relevance of
+    subspace k from the virtual layer to the pixels, the last replica all (kept) subspaces.
+
+    Returns
+    -------
+    per_subspace : torch.Tensor
+        (n, K, H, W)
+    overall : torch.Tensor
+        (n, H, W)
+    """
+    n, K = x.shape[0], vl.K
+    xr = x.repeat_interleave(K + 1, dim=0)
+    blocks = torch.cat([torch.eye(K), torch.ones(1, K)]).repeat(n, 1).to(x.device)
+    was_enabled, prev = vl.enabled, vl.backward_blocks
+    vl.enabled, vl.backward_blocks = True, blocks
+    try:
+        out = LRP(model, lrp_config).attribute(xr, target)
+    finally:
+        vl.enabled, vl.backward_blocks = was_enabled, prev
+    maps = pixel_relevance(out.input_relevance).view(n, K + 1, *x.shape[2:])
+    return maps[:, :K], maps[:, K]
+
+
+def subspace_mask_share(model: nn.Module, vl: VirtualLayer, split: Split, masks: torch.Tensor | None = None,
+                        target: int = 1, batch_size: int = 32, max_images: int | None = 200,
+                        lrp_config: LRPConfig | None = None, device="cpu") -> tuple[list[float], float]:
+    """Share of positive relevance on masked pixels (default: watermark masks), per subspace and overall.
+
+    Averaged over the images that have a non-empty mask (at most ``max_images``).
+    """
+    masks = split.masks if masks is None else masks
+    idx = torch.nonzero(masks.flatten(1).any(1)).flatten()
+    if max_images is not None:
+        idx = idx[:max_images]
+    if idx.numel() == 0:
+        return [float("nan")] * vl.K, float("nan")
+    per, overall = [], []
+    for start in range(0, idx.numel(), batch_size):
+        b = idx[start:start + batch_size]
+        x = normalize_images(split.images[b], device)
+        maps_k, maps = subspace_heatmaps(model, vl, x, target, lrp_config)
+        m = masks[b].to(maps.device)
+        per.append(mask_share(maps_k, m[:, None]).cpu())
+        overall.append(mask_share(maps, m).cpu())
+    per_t = torch.cat(per).mean(0)
+    return [float(v) for v in per_t], float(torch.cat(overall).mean())

@@ -1,0 +1,74 @@
+"""Subgroup evaluation: accuracy per c/w subgroup and the share of relevance on watermark pixels.
+
+Subgroups follow the paper: ``c0w0, c0w1, c1w0, c1w1`` (c = class, 1 = positive; w = watermark
+present). ``c0w1`` (negative images that carry a watermark) is the OOD subgroup, where a
+watermark-reliant model fails.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cnp.data.splits import SUBGROUPS, Split, normalize_images
+from cnp.lrp import LRP, LRPConfig
+from cnp.training import predict_logits
+
+
+def subgroup_accuracy(model: nn.Module, split: Split, device: torch.device | str = "cpu",
+                      batch_size: int = 256) -> dict[str, float]:
+    """Accuracy overall (all images of ``split``) and per subgroup (NaN for an empty subgroup)."""
+    logits = predict_logits(model, split.images, batch_size=batch_size, device=device)
+    correct = (logits.argmax(1) == split.labels).float()
+    out = {"overall": float(correct.mean()) if len(split) else float("nan")}
+    for g in SUBGROUPS:
+        idx = split.subgroup_index(g)
+        out[g] = float(correct[idx].mean()) if idx.numel() else float("nan")
+    return out
+
+
+def positive_probability(model: nn.Module, images_uint8: torch.Tensor, device="cpu") -> torch.Tensor:
+    """Softmax probability of the positive class (index 1)."""
+    return predict_logits(model, images_uint8, device=device).softmax(1)[:, 1]
+
+
+def pixel_relevance(input_relevance: torch.Tensor) -> torch.Tensor:
+    """Pixel heatmap from input relevance (n, 3, H, W) -> (n, H, W) (sum over channels)."""
+    return input_relevance.sum(1)
+
+
+def mask_share(heatmaps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per-image share of *positive* relevance that falls on ``masks`` pixels.
+
+    ``heatmaps`` (..., H, W), ``masks`` broadcastable bool (..., H, W). Images without positive
+    relevance get 0.
+    """
+    pos = heatmaps.clamp(min=0)
+    on = (pos * masks.to(pos.dtype)).flatten(-2).sum(-1)
+    tot = pos.flatten(-2).sum(-1)
+    return torch.where(tot > 0, on / tot.clamp(min=1e-12), torch.zeros_like(tot))
+
+
+def wm_relevance_share(model: nn.Module, split: Split, lrp_config: LRPConfig | None = None,
+                       target: int = 1, device: torch.device | str = "cpu", batch_size: int = 64,
+                       max_images: int | None = 400) -> float:
+    """Mean share of positive-logit relevance on watermark pixels, over the watermarked images.
+
+    LRP (the paper's rules unless ``lrp_config`` says otherwise) explains the positive logit
+    of every watermarked image of ``split`` (both classes; at most ``max_images``, taken in
+    order); the share of positive pixel relevance inside the watermark mask is averaged.
+    A virtual concept layer attached to ``model`` is used as it is (enabled or bypassed).
+    """
+    idx = torch.nonzero(split.wm).flatten()
+    if max_images is not None:
+        idx = idx[:max_images]
+    if idx.numel() == 0:
+        return float("nan")
+    lrp = LRP(model, lrp_config)
+    shares = []
+    for start in range(0, idx.numel(), batch_size):
+        b = idx[start:start + batch_size]
+        x = normalize_images(split.images[b], device)
+        out = lrp.attribute(x, target)
+        shares.append(mask_share(pixel_relevance(out.input_relevance).cpu(), split.masks[b]))
+    return float(torch.cat(shares).mean())

@@ -1,0 +1,156 @@
+"""Files: atomic writes, content hashes, safe loading and safe paths.
+
+Every result the companion writes goes through :func:`atomic_write_bytes` (temp file in the
+same directory, ``fsync``, then ``os.replace``), so a killed process never leaves a truncated
+file behind that a later stage would trust.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CNPError(ValueError):
+    """A problem with the user's input or environment, with a message that says how to fix it."""
+
+
+def _check_dir_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CNPError(
+            f"cannot create the directory {directory}: {exc.strerror}. "
+            "Choose a writable location (e.g. the run_dir parameter)."
+        ) from exc
+    if not os.access(directory, os.W_OK):
+        raise CNPError(
+            f"the directory {directory} is not writable. "
+            "Fix its permissions or choose another location (e.g. the run_dir parameter)."
+        )
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: temp file, fsync, rename.
+
+    Raises
+    ------
+    CNPError
+        When the directory is not writable or the disk is full; the previous file (if any) is
+        left untouched.
+    """
+    path = Path(path)
+    _check_dir_writable(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CNPError(
+                f"the disk is full while writing {path}; nothing was overwritten. "
+                "Free some space and run again (finished results are kept)."
+            ) from exc
+        raise CNPError(f"could not write {path}: {exc}") from exc
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomically write a text file (UTF-8)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    """Atomically write ``obj`` as JSON (sorted keys, so equal objects give equal bytes)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically ``torch.save`` an object made of tensors, numbers, strings, lists and dicts."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs on load).
+
+    Raises
+    ------
+    CNPError
+        When the file is missing, truncated or not a weights-only checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CNPError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise CNPError(
+            f"could not load {path} as a weights-only checkpoint ({type(exc).__name__}: {exc}). "
+            "The file is corrupt or truncated, or was not written by cnp: delete it and rebuild."
+        ) from exc
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def recipe_hash(recipe: Mapping[str, Any], length: int = 16) -> str:
+    """A short, stable hash of a JSON-serialisable recipe (dict keys sorted)."""
+    blob = json.dumps(recipe, sort_keys=True, default=str).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def tensor_hash(*tensors: torch.Tensor, length: int = 16) -> str:
+    """A short content hash of tensors (shape, dtype and bytes)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:length]
+
+
+def safe_join(root: str | os.PathLike, relpath: str) -> Path:
+    """Join ``relpath`` under ``root`` and refuse anything that escapes it.
+
+    Absolute paths, ``..`` components and symlinks that resolve outside ``root`` are rejected,
+    so file names read from manifests or label CSVs cannot reach other files.
+
+    Raises
+    ------
+    CNPError
+        When ``relpath`` is absolute, contains ``..`` or resolves outside ``root``.
+    """
+    root_p = Path(root).resolve()
+    rel = Path(relpath)
+    if rel.is_absolute() or relpath.startswith(("/", "\\")):
+        raise CNPError(f"path {relpath!r} is absolute; manifest and label paths must be relative to {root_p}")
+    if any(part == ".." for part in rel.parts):
+        raise CNPError(f"path {relpath!r} contains '..'; paths must stay inside {root_p}")
+    full = (root_p / rel).resolve()
+    if full != root_p and root_p not in full.parents:
+        raise CNPError(f"path {relpath!r} resolves to {full}, outside the data root {root_p} (a symlink out?)")
+    return full

@@ -1,0 +1,478 @@
+"""LRP relevance on zennit 0.5.1: composites, context vectors at a layer, per-filter relevance.
+
+Rules (the paper's setting by default, :class:`LRPConfig`)
+-----------------------------------------------------------
+* convolutions: LRP-alpha1beta0 with an epsilon *stabiliser* (``variant='alpha1beta0'``, the
+  paper's choice), or LRP-epsilon (``'epsilon'``) or LRP-gamma (``'gamma'``) from Table 1;
+* the first convolution: ZBox with the normalised pixel bounds (``first_layer='zbox'``);
+* linear layers: LRP-epsilon (``linear_epsilon``);
+* average pooling: ``Norm``; ReLU: ``Pass``; max pooling and dropout: their gradient
+  (winner-take-all, identity);
+* per-layer overrides by name (``overrides={'conv5_3': 'epsilon:0.25'}``).
+
+Bias handling: every rule is built with ``zero_params='bias'`` (``zero_bias=True``), i.e.
+biases take no relevance and the whole logit ``f_c(x)`` (bias included) is redistributed to the
+inputs. The relevance at every layer therefore sums to the logit up to the stabiliser's error.
+
+Context vectors
+---------------
+DRSA needs, at the chosen layer, the activations ``a`` and the LRP *context* ``c`` with
+``R = a * c``. ``c`` is not computed as ``R / a`` (undefined where ``a = 0``, and a mixing
+subspace basis needs ``c`` there too). Instead a :class:`ContextSite` module is placed after the
+layer, and the rule of the first LRP-ruled module downstream of it (``conv5_1`` for
+``relu4_3``; max pooling in between just routes its gradient) is wrapped in
+:class:`ContextHook`, which returns the rule's *pre-multiplication gradient* (the quantity the
+rule would multiply by its input) instead of relevance. The site receives ``c`` directly,
+maps it through its own linear map (identity for a probe, the projection for the virtual
+concept layer, see :mod:`cnp.virtual_layer`) and hands ``R = a * c`` on upstream. For rules whose
+input modifiers are positively homogeneous (alpha-beta, epsilon, gamma), ``x * context`` equals
+the rule's relevance exactly, so nothing changes for the layers below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from zennit.composites import Composite
+from zennit.core import BasicHook, Hook, ParamMod
+from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox
+
+from cnp.data.splits import input_bounds
+from cnp.io import CNPError
+from cnp.models import get_layer, qualified_name
+
+VARIANTS = ("alpha1beta0", "epsilon", "gamma")
+
+
+@dataclass(frozen=True)
+class LRPConfig:
+    """Which LRP rules go where.
+
+    Parameters
+    ----------
+    variant : str
+        Rule of the convolutions: ``alpha1beta0`` (the paper), ``epsilon`` or ``gamma``.
+    stabilizer : float
+        Epsilon stabiliser of alpha1beta0 / gamma denominators.
+    epsilon : float
+        The epsilon of the ``epsilon`` variant.
+    gamma : float
+        The gamma of the ``gamma`` variant.
+    linear_epsilon : float
+        Epsilon of the linear layers.
+    first_layer : str
+        ``zbox`` (pixel-bounded input), ``flat`` or ``same`` (the conv variant).
+    overrides : mapping of layer name to rule spec
+        e.g. ``{'conv5_3': 'epsilon:0.25', 'conv1_1': 'flat'}``; specs: ``alpha1beta0``,
+        ``alpha2beta1``, ``epsilon[:eps]``, ``gamma[:g]``, ``zbox``, ``flat``, ``norm``, ``pass``.
+    zero_bias : bool
+        Biases receive no relevance (see the module docstring).
+    """
+
+    variant: str = "alpha1beta0"
+    stabilizer: float = 1e-6
+    epsilon: float = 0.1
+    gamma: float = 0.25
+    linear_epsilon: float = 1e-6
+    first_layer: str = "zbox"
+    overrides: Mapping[str, str] = field(default_factory=dict)
+    zero_bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise CNPError(f"unknown LRP variant {self.variant!r}; use one of {VARIANTS}")
+        if self.first_layer not in ("zbox", "flat", "same"):
+            raise CNPError(f"first_layer must be 'zbox', 'flat' or 'same', got {self.first_layer!r}")
+        for spec in dict(self.overrides).values():
+            _parse_spec(spec)
+
+
+def _parse_spec(spec: str) -> tuple[str, float | None]:
+    name, _, arg = str(spec).partition(":")
+    name = name.strip().lower()
+    if name not in ("alpha1beta0", "alpha2beta1", "zplus", "epsilon", "gamma", "zbox", "flat", "norm", "pass"):
+        raise CNPError(f"unknown LRP rule spec {spec!r}; use alpha1beta0, alpha2beta1, epsilon[:eps], "
+                       "gamma[:g], zbox, flat, norm or pass")
+    try:
+        value = float(arg) if arg else None
+    except ValueError as exc:
+        raise CNPError(f"bad number in LRP rule spec {spec!r}") from exc
+    return name, value
+
+
+def make_rule(spec: str, cfg: LRPConfig, device=None) -> Hook:
+    """A zennit rule from a spec string (see :class:`LRPConfig`)."""
+    name, value = _parse_spec(spec)
+    zp = "bias" if cfg.zero_bias else None
+    if name in ("alpha1beta0", "zplus"):
+        return AlphaBeta(alpha=1.0, beta=0.0, stabilizer=cfg.stabilizer, zero_params=zp)
+    if name == "alpha2beta1":
+        return AlphaBeta(alpha=2.0, beta=1.0, stabilizer=cfg.stabilizer, zero_params=zp)
+    if name == "epsilon":
+        return Epsilon(epsilon=cfg.epsilon if value is None else value, zero_params=zp)
+    if name == "gamma":
+        return Gamma(gamma=cfg.gamma if value is None else value, stabilizer=cfg.stabilizer, zero_params=zp)
+    if name == "zbox":
+        low, high = input_bounds(device)
+        return ZBox(low=low, high=high, stabilizer=cfg.stabilizer, zero_params=zp)
+    if name == "flat":
+        return Flat(stabilizer=cfg.stabilizer, zero_params=zp)
+    if name == "norm":
+        return Norm(stabilizer=cfg.stabilizer)
+    return Pass()
+
+
+# ============================================================================ context sites
+class ContextHook(BasicHook):
+    """A rule that returns its pre-multiplication gradient (the LRP context) instead of relevance.
+
+    Wraps a :class:`zennit.core.BasicHook` rule. The context is the rule's reducer applied to
+    input *indicators* ``in_mod(s) / s`` (``s = sign(x)``, zero counted as positive) instead of
+    the modified inputs; for positively homogeneous input modifiers ``x * context`` is exactly
+    the rule's relevance.
+    """
+
+    @classmethod
+    def wrap(cls, rule: BasicHook) -> ContextHook:
+        if not isinstance(rule, BasicHook) or isinstance(rule, (Flat, ZBox)):
+            raise CNPError(
+                f"the first LRP rule downstream of a DRSA layer must be alpha-beta, epsilon or gamma "
+                f"to give context vectors, got {type(rule).__name__}; choose another layer or override"
+            )
+        hook = cls.__new__(cls)
+        BasicHook.__init__(hook, rule.input_modifiers, rule.param_modifiers, rule.output_modifiers,
+                           rule.gradient_mapper, rule.reducer)
+        return hook
+
+    def backward(self, module, grad_input, grad_output):
+        original_input = self.stored_tensors["input"][0].clone()
+        inputs, outputs = [], []
+        for in_mod, param_mod, out_mod in zip(self.input_modifiers, self.param_modifiers, self.output_modifiers):
+            inp = in_mod(original_input).requires_grad_()
+            with ParamMod.ensure(param_mod)(module) as modified, torch.autograd.enable_grad():
+                out = out_mod(modified.forward(inp))
+            inputs.append(inp)
+            outputs.append(out)
+        grad_outputs = self.gradient_mapper(grad_output[0], outputs)
+        gradients = torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs,
+                                        create_graph=grad_output[0].requires_grad, allow_unused=True)
+        gradients = [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, gradients)]
+        s = torch.where(original_input >= 0, torch.ones_like(original_input), -torch.ones_like(original_input))
+        indicators = [in_mod(s) / s for in_mod in self.input_modifiers]
+        context = self.reducer(indicators, gradients)
+        return tuple(context if orig.shape == context.shape else None for orig in grad_input)
+
+    def copy(self):
+        return ContextHook.wrap(self)
+
+
+class _SiteHook(Hook):
+    """zennit hook of a :class:`ContextSite`: receives the context, returns relevance."""
+
+    def forward(self, module, input, output):
+        self.stored_tensors["input"] = input
+
+    def backward(self, module, grad_input, grad_output):
+        a = self.stored_tensors["input"][0]
+        c_out = grad_output[0]
+        c_in = module.context_backward(a, c_out)
+        module.record(a, c_out, c_in)
+        return (a * c_in,)
+
+    def copy(self):
+        return _SiteHook()
+
+
+class ContextSite(nn.Module):
+    """A linear map placed after a layer, through which LRP passes *contexts*.
+
+    The base class is the identity (a *probe*: it records the activations ``a`` and contexts
+    ``c`` at its layer during :meth:`LRP.attribute`). :class:`cnp.virtual_layer.VirtualLayer`
+    subclasses it. Attach with :func:`attach_site`; while ``enabled`` is False the site is
+    skipped (the network is as if it were absent).
+
+    Attributes set by the last LRP pass: ``last_a`` and ``last_c`` (when ``keep_tensors``),
+    ``last_layer_relevance`` (per-sample sum of ``a * c_in``), ``last_output_relevance``
+    (per-sample sum of ``site(a) * c_out``).
+    """
+
+    site_attr = "cnp_context_site"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+        self.keep_tensors = False
+        self._host: nn.Module | None = None
+        self._handle = None
+        self.layer_name: str | None = None
+        self.clear()
+
+    def clear(self) -> None:
+        self.last_a = None
+        self.last_c = None
+        self.last_layer_relevance = None
+        self.last_output_relevance = None
+
+    # ---- map and its context transpose (override in subclasses)
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return a
+
+    def context_backward(self, a: torch.Tensor, c_out: torch.Tensor) -> torch.Tensor:
+        return c_out
+
+    def record(self, a: torch.Tensor, c_out: torch.Tensor, c_in: torch.Tensor) -> None:
+        dims = tuple(range(1, a.ndim))
+        self.last_layer_relevance = (a * c_in).sum(dims).detach()
+        with torch.no_grad():
+            self.last_output_relevance = (self.forward(a) * c_out).sum(dims).detach()
+        if self.keep_tensors:
+            self.last_a = a.detach()
+            self.last_c = c_out.detach()
+
+    def lrp_hook(self) -> Hook:
+        return _SiteHook()
+
+    # ---- attachment
+    def _forward_hook(self, module, inputs, output):
+        return self(output) if self.enabled else output
+
+    def reattach(self) -> None:
+        """Re-register the host hook so it runs after any hooks registered since (zennit's)."""
+        if self._host is not None and self._handle is not None:
+            self._handle.remove()
+            self._handle = self._host.register_forward_hook(self._forward_hook)
+
+    def detach_from(self, model: nn.Module) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if getattr(model, self.site_attr, None) is self:
+            delattr(model, self.site_attr)
+        self._host = None
+
+
+def attach_site(model: nn.Module, layer: str, site: ContextSite) -> ContextSite:
+    """Place ``site`` after the output of ``layer`` (paper or qualified name).
+
+    The site becomes the submodule ``model.<site.site_attr>`` (so ``.to(device)`` moves it and
+    LRP composites see it) and runs through a forward hook on the layer; names of the original
+    layers do not change. Only one site per attribute name may be attached.
+    """
+    host = get_layer(model, layer)
+    existing = getattr(model, site.site_attr, None)
+    if existing is not None:
+        raise CNPError(f"the model already has a {site.site_attr}; remove it first")
+    model.add_module(site.site_attr, site)
+    site._host = host
+    site.layer_name = qualified_name(layer)
+    site._handle = host.register_forward_hook(site._forward_hook)
+    param = next(model.parameters(), None)
+    if param is not None:
+        site.to(param.device)
+    return site
+
+
+def find_sites(model: nn.Module) -> list[ContextSite]:
+    return [m for m in model.modules() if isinstance(m, ContextSite)]
+
+
+# ============================================================================ attribution
+@dataclass
+class Attribution:
+    """Result of one LRP pass over a batch.
+
+    Attributes
+    ----------
+    logits : torch.Tensor
+        (n, classes).
+    target_logit : torch.Tensor
+        (n,) the explained logit ``f_c(x)`` (the relevance put at the top).
+    input_relevance : torch.Tensor or None
+        (n, C, H, W) relevance of the input pixels.
+    filter_relevance : dict[str, torch.Tensor]
+        Conv name -> (n, out_channels) relevance at the conv output summed over space.
+    filter_relevance_abs : dict[str, torch.Tensor]
+        Conv name -> (n, out_channels) ``|R|`` summed over space.
+    layer_relevance : dict[str, torch.Tensor]
+        Requested layer name -> relevance map at its output.
+    """
+
+    logits: torch.Tensor
+    target_logit: torch.Tensor
+    input_relevance: torch.Tensor | None
+    filter_relevance: dict[str, torch.Tensor]
+    filter_relevance_abs: dict[str, torch.Tensor]
+    layer_relevance: dict[str, torch.Tensor]
+
+
+def _leaf_call_order(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
+    order: list[nn.Module] = []
+    handles = [m.register_forward_pre_hook(lambda mod, inp: order.append(mod))
+               for m in model.modules() if len(list(m.children())) == 0 or isinstance(m, ContextSite)]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+class LRP:
+    """LRP for a model, with rules from an :class:`LRPConfig`.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model of Conv2d / Linear / ReLU / pooling layers (VGG-16 here); used in eval mode.
+    config : LRPConfig
+        Rules.
+
+    Examples
+    --------
+    >>> lrp = LRP(model)                                   # doctest: +SKIP
+    >>> out = lrp.attribute(x, target=1, filters=True)     # doctest: +SKIP
+    >>> out.input_relevance.sum((1, 2, 3))  # ~= out.target_logit
+    """
+
+    def __init__(self, model: nn.Module, config: LRPConfig | None = None) -> None:
+        self.model = model
+        self.config = config or LRPConfig()
+        self._overrides = {qualified_name(k): v for k, v in dict(self.config.overrides).items()}
+
+    def _rule_for(self, name: str, module: nn.Module, first: nn.Module | None, device) -> Hook | None:
+        cfg = self.config
+        if isinstance(module, ContextSite):
+            return module.lrp_hook()
+        if name in self._overrides:
+            return make_rule(self._overrides[name], cfg, device)
+        if isinstance(module, nn.Conv2d | nn.Linear) and module is first and cfg.first_layer != "same":
+            return make_rule(cfg.first_layer, cfg, device)
+        if isinstance(module, nn.Conv2d):
+            return make_rule(cfg.variant, cfg, device)
+        if isinstance(module, nn.Linear):
+            return make_rule(f"epsilon:{cfg.linear_epsilon}", cfg, device)
+        if isinstance(module, nn.AvgPool2d | nn.AdaptiveAvgPool2d):
+            return Norm(stabilizer=cfg.stabilizer)
+        if isinstance(module, nn.ReLU):
+            return Pass()
+        return None
+
+    def attribute(
+        self,
+        x: torch.Tensor,
+        target: int | torch.Tensor = 1,
+        *,
+        filters: bool = False,
+        layers: Iterable[str] = (),
+        input_relevance: bool = True,
+    ) -> Attribution:
+        """One LRP pass: relevance of ``f_target(x)`` at the input, conv filters and named layers.
+
+        The top relevance is the logit itself (``R = f_c(x)`` at the output), so every layer's
+        relevance sums to ``f_c(x)`` (conservation). Context sites attached to the model record
+        their activations/contexts (see :class:`ContextSite`).
+        """
+        model = self.model
+        was_training = model.training
+        model.eval()
+        device = x.device
+        order = _leaf_call_order(model, x)
+        named = {m: n for n, m in model.named_modules()}
+        first = next((m for m in order if isinstance(m, nn.Conv2d | nn.Linear)), None)
+        rules: dict[nn.Module, Hook | None] = {
+            m: self._rule_for(named.get(m, ""), m, first, device) for m in set(order)
+        }
+        # the first BasicHook-ruled module after each active site emits contexts
+        context_modules = set()
+        for i, m in enumerate(order):
+            if isinstance(m, ContextSite):
+                for m2 in order[i + 1:]:
+                    if isinstance(rules.get(m2), BasicHook):
+                        context_modules.add(m2)
+                        break
+                    if isinstance(m2, nn.ReLU):
+                        raise CNPError("a ReLU follows the DRSA layer: place the concept layer after the "
+                                       "activation (e.g. 'relu4_3'), not after the convolution")
+
+        def module_map(ctx, name, module):
+            rule = rules.get(module)
+            if rule is None:
+                return None
+            return ContextHook.wrap(rule) if module in context_modules else rule
+
+        composite = Composite(module_map=module_map)
+        layer_names = [qualified_name(n) for n in layers]
+        layer_mods = {qualified_name(n): get_layer(model, n) for n in layers}
+        store_filters: dict[str, torch.Tensor] = {}
+        store_filters_abs: dict[str, torch.Tensor] = {}
+        store_layers: dict[str, torch.Tensor] = {}
+        handles = []
+
+        def grad_hook_factory(name: str, conv: bool):
+            def fwd(mod, inp, out):
+                if out.requires_grad:
+                    def on_grad(g):
+                        if conv:
+                            store_filters[name] = g.detach().sum((2, 3))
+                            store_filters_abs[name] = g.detach().abs().sum((2, 3))
+                        if name in layer_names:
+                            store_layers[name] = g.detach()
+                    out.register_hook(on_grad)
+            return fwd
+
+        sites = find_sites(model)
+        with composite.context(model):
+            for s in sites:
+                s.clear()
+                s.reattach()
+            for n, m in model.named_modules():
+                is_conv = filters and isinstance(m, nn.Conv2d)
+                if is_conv or n in layer_mods:
+                    handles.append(m.register_forward_hook(grad_hook_factory(n, is_conv)))
+            try:
+                xin = x.detach().clone().requires_grad_(True)
+                with torch.enable_grad():
+                    logits = model(xin)
+                    if isinstance(target, int):
+                        tgt = torch.full((x.shape[0],), target, dtype=torch.long, device=device)
+                    else:
+                        tgt = torch.as_tensor(target, device=device).long()
+                    onehot = torch.zeros_like(logits).scatter_(1, tgt[:, None], 1.0)
+                    top = (logits * onehot).detach()
+                    (grad,) = torch.autograd.grad(logits, xin, grad_outputs=top)
+            finally:
+                for h in handles:
+                    h.remove()
+        if was_training:
+            model.train()
+        return Attribution(
+            logits=logits.detach(),
+            target_logit=top.sum(1),
+            input_relevance=grad.detach() if input_relevance else None,
+            filter_relevance=store_filters,
+            filter_relevance_abs=store_filters_abs,
+            layer_relevance=store_layers,
+        )
+
+
+def contexts(model: nn.Module, x: torch.Tensor, layer: str = "relu4_3", target: int | torch.Tensor = 1,
+             config: LRPConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, Attribution]:
+    """Activations ``a`` and LRP contexts ``c`` (both (n, D, H, W)) at ``layer``, with ``R = a * c``.
+
+    A probe :class:`ContextSite` is attached for the call and removed afterwards.
+    """
+    probe = ContextSite()
+    probe.keep_tensors = True
+    probe.site_attr = "cnp_context_probe"
+    attach_site(model, layer, probe)
+    try:
+        out = LRP(model, config).attribute(x, target)
+    finally:
+        probe.detach_from(model)
+    if probe.last_a is None:
+        raise CNPError(f"layer {layer!r} was not reached in the forward pass")
+    return probe.last_a, probe.last_c, out

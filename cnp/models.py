@@ -1,0 +1,344 @@
+"""VGG-16 with torchvision's layer names, at any width.
+
+The class :class:`VGG` keeps the exact module layout of ``torchvision.models.vgg16``
+(``features``, ``avgpool``, ``classifier``), so ``features.21`` is ``conv4_3`` both in the
+embedded benchmark's reduced-width network and in the ImageNet-pretrained VGG-16, and
+torchvision's state dicts load unchanged. Widths are per conv layer, so a structurally pruned
+network is again a :class:`VGG` (its architecture is recorded in :attr:`VGG.arch`).
+
+Layer names accepted everywhere in ``cnp``: the paper's (``conv4_3``, ``relu4_3``, ``pool4``,
+``fc6`` ...) or torchvision's qualified names (``features.21``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnp.io import CNPError, atomic_torch_save, safe_torch_load, sha256_file
+
+#: Paper / torchvision names of the 13 convolutions of VGG-16, in forward order.
+CONV_NAMES: tuple[str, ...] = (
+    "conv1_1", "conv1_2",
+    "conv2_1", "conv2_2",
+    "conv3_1", "conv3_2", "conv3_3",
+    "conv4_1", "conv4_2", "conv4_3",
+    "conv5_1", "conv5_2", "conv5_3",
+)
+BLOCK_SIZES: tuple[int, ...] = (2, 2, 3, 3, 3)
+#: Block widths of the full-size VGG-16.
+FULL_WIDTHS: tuple[int, ...] = (64, 128, 256, 512, 512)
+#: ImageNet normalisation used for every input (synthetic and real).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: SHA-256 of torchvision's ``vgg16-397923af.pth`` (IMAGENET1K_V1).
+VGG16_IMAGENET_SHA256 = "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0"
+
+
+def _build_name_map() -> dict[str, str]:
+    names: dict[str, str] = {}
+    idx = 0
+    conv = iter(CONV_NAMES)
+    for block, n in enumerate(BLOCK_SIZES, start=1):
+        for _ in range(n):
+            c = next(conv)
+            names[c] = f"features.{idx}"
+            names["relu" + c[4:]] = f"features.{idx + 1}"
+            idx += 2
+        names[f"pool{block}"] = f"features.{idx}"
+        idx += 1
+    names["avgpool"] = "avgpool"
+    names.update({
+        "fc6": "classifier.0", "relu6": "classifier.1", "drop6": "classifier.2",
+        "fc7": "classifier.3", "relu7": "classifier.4", "drop7": "classifier.5",
+        "fc8": "classifier.6",
+    })
+    return names
+
+
+#: ``{'conv4_3': 'features.21', 'relu4_3': 'features.22', ...}``
+LAYER_NAMES: dict[str, str] = _build_name_map()
+_QUALIFIED_TO_PAPER = {v: k for k, v in LAYER_NAMES.items()}
+
+
+def block_widths_to_conv_widths(block_widths: Sequence[int]) -> list[int]:
+    """Expand 5 block widths (e.g. ``(64, 128, 256, 512, 512)``) to the 13 conv widths."""
+    if len(block_widths) != 5:
+        raise CNPError(f"VGG-16 has 5 blocks; got {len(block_widths)} block widths {list(block_widths)}")
+    out: list[int] = []
+    for w, n in zip(block_widths, BLOCK_SIZES):
+        out.extend([int(w)] * n)
+    return out
+
+
+class VGG(nn.Module):
+    """VGG-16 topology (13 convs in blocks of 2-2-3-3-3, 3 linear layers) at any width.
+
+    Parameters
+    ----------
+    conv_widths : sequence of 13 ints
+        Output channels of each conv (see :func:`block_widths_to_conv_widths`).
+    num_classes : int
+        Outputs of the last linear layer (``fc8``).
+    hidden : int
+        Width of ``fc6`` and ``fc7`` (4096 in torchvision's VGG-16).
+    pool_size : int
+        Output side of the adaptive average pool before ``fc6`` (7 in torchvision).
+    dropout : float
+        Dropout probability after ``fc6`` and ``fc7``.
+    in_channels : int
+        Input channels.
+
+    Notes
+    -----
+    ReLUs are not in-place (LRP hooks and concept probes need the activations intact).
+    """
+
+    def __init__(
+        self,
+        conv_widths: Sequence[int],
+        num_classes: int = 1000,
+        hidden: int = 4096,
+        pool_size: int = 7,
+        dropout: float = 0.5,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        conv_widths = [int(w) for w in conv_widths]
+        if len(conv_widths) != 13 or min(conv_widths) < 1:
+            raise CNPError(f"conv_widths must be 13 positive ints, got {conv_widths}")
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        it = iter(conv_widths)
+        for n in BLOCK_SIZES:
+            for _ in range(n):
+                w = next(it)
+                layers += [nn.Conv2d(c_in, w, kernel_size=3, padding=1), nn.ReLU(inplace=False)]
+                c_in = w
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((pool_size, pool_size))
+        self.classifier = nn.Sequential(
+            nn.Linear(c_in * pool_size * pool_size, hidden),
+            nn.ReLU(inplace=False),
+            nn.Dropout(p=dropout),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=False),
+            nn.Dropout(p=dropout),
+            nn.Linear(hidden, num_classes),
+        )
+        self._arch = {
+            "num_classes": int(num_classes),
+            "hidden": int(hidden),
+            "pool_size": int(pool_size),
+            "dropout": float(dropout),
+            "in_channels": int(in_channels),
+        }
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def convs(self) -> list[nn.Conv2d]:
+        """The 13 conv layers in forward order."""
+        return [m for m in self.features if isinstance(m, nn.Conv2d)]
+
+    @property
+    def conv_widths(self) -> list[int]:
+        return [c.out_channels for c in self.convs]
+
+    @property
+    def arch(self) -> dict[str, Any]:
+        """Everything needed to rebuild this network (with :func:`vgg_from_arch`)."""
+        return {"conv_widths": self.conv_widths, **self._arch,
+                "num_classes": self.classifier[-1].out_features,
+                "hidden": self.classifier[0].out_features}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of ``avgpool``, flattened (input of ``fc6``)."""
+        return torch.flatten(self.avgpool(self.features(x)), 1)
+
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of ``relu7``/``drop7`` (input of ``fc8``)."""
+        return self.classifier[:-1](self.forward_features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward_features(x))
+
+
+def vgg_from_arch(arch: dict[str, Any]) -> VGG:
+    """Rebuild a :class:`VGG` from :attr:`VGG.arch`."""
+    try:
+        return VGG(**arch)
+    except TypeError as exc:
+        raise CNPError(f"not a VGG architecture record: {arch} ({exc})") from exc
+
+
+def full_vgg16(num_classes: int = 1000) -> VGG:
+    """The full-size VGG-16 (torchvision layout, 224 px input, random weights)."""
+    return VGG(block_widths_to_conv_widths(FULL_WIDTHS), num_classes=num_classes)
+
+
+def qualified_name(name: str) -> str:
+    """Map a paper name (``conv4_3``) or a qualified name (``features.21``) to the qualified name.
+
+    Raises
+    ------
+    CNPError
+        When the name is neither.
+    """
+    if name in LAYER_NAMES:
+        return LAYER_NAMES[name]
+    if name in _QUALIFIED_TO_PAPER:
+        return name
+    raise CNPError(
+        f"unknown layer name {name!r}; use a VGG-16 name such as 'conv4_3', 'relu4_3', 'conv5_1' "
+        f"or a qualified name such as 'features.21' (known: {', '.join(LAYER_NAMES)})"
+    )
+
+
+def paper_name(name: str) -> str:
+    """The paper name (``conv4_3``) of a qualified (``features.21``) or paper name."""
+    return _QUALIFIED_TO_PAPER[qualified_name(name)]
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule of ``model`` called ``name`` (paper or qualified name)."""
+    q = qualified_name(name)
+    modules = dict(model.named_modules())
+    if q not in modules:
+        raise CNPError(f"layer {name!r} ({q}) does not exist in this model")
+    return modules[q]
+
+
+def conv_index(model: VGG, name: str) -> int:
+    """Index (0..12) among the convs of the conv called ``name``."""
+    layer = get_layer(model, name)
+    for i, c in enumerate(model.convs):
+        if c is layer:
+            return i
+    raise CNPError(f"layer {name!r} is not a convolution; pruning protects convolutions such as 'conv4_3'")
+
+
+def replace_head(model: VGG, num_classes: int, generator: torch.Generator | None = None) -> VGG:
+    """Give ``model`` a new, freshly initialised last linear layer (``fc8``) with ``num_classes``."""
+    old = model.classifier[-1]
+    new = nn.Linear(old.in_features, num_classes)
+    with torch.no_grad():
+        new.weight.normal_(0.0, 0.01, generator=generator)
+        new.bias.zero_()
+    model.classifier[-1] = new.to(old.weight.device)
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters."""
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def count_macs(model: VGG, image_size: int) -> int:
+    """Multiply-accumulates of one forward pass at ``image_size`` (convs and linears)."""
+    macs = 0
+    h = w = image_size
+    for m in model.features:
+        if isinstance(m, nn.Conv2d):
+            macs += h * w * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.MaxPool2d):
+            h, w = h // 2, w // 2
+    for m in model.classifier:
+        if isinstance(m, nn.Linear):
+            macs += m.in_features * m.out_features
+    return int(macs)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def save_model(model: VGG, path: str | Path, **extra: Any) -> Path:
+    """Save architecture + weights (+ JSON-able extras) atomically; load with :func:`load_model`."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return atomic_torch_save(path, {"arch": model.arch, "state_dict": state, "extra": extra})
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VGG, dict]:
+    """Load a checkpoint written by :func:`save_model` (``weights_only=True``)."""
+    blob = safe_torch_load(path, map_location=map_location)
+    if not isinstance(blob, dict) or "arch" not in blob or "state_dict" not in blob:
+        raise CNPError(f"{path} is not a cnp model checkpoint (missing 'arch'/'state_dict'); rebuild it")
+    model = vgg_from_arch(blob["arch"])
+    model.load_state_dict(blob["state_dict"])
+    return model, blob.get("extra", {})
+
+
+def load_torchvision_vgg16(
+    weights_path: str | Path | None = None,
+    expected_sha256: str | None = VGG16_IMAGENET_SHA256,
+    allow_download: bool = False,
+) -> VGG:
+    """ImageNet-pretrained VGG-16 (IMAGENET1K_V1) as a :class:`VGG` with 1000 outputs.
+
+    Parameters
+    ----------
+    weights_path : path, optional
+        A local copy of torchvision's ``vgg16-397923af.pth``. Its SHA-256 is checked against
+        ``expected_sha256`` (pass ``None`` to skip the check for your own fine-tuned weights).
+    expected_sha256 : str or None
+        Expected SHA-256 of the file.
+    allow_download : bool
+        Without ``weights_path``: when True, use torchvision's download/cache; when False (the
+        default, the companion never touches the network on its own), look in torch's hub cache
+        and fail with instructions if the file is not there.
+
+    Raises
+    ------
+    CNPError
+        Missing file, wrong hash, or weights that do not fit VGG-16.
+    """
+    if weights_path is None:
+        hub = Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
+        if hub.is_file():
+            weights_path = hub
+        elif allow_download:
+            from torchvision.models import VGG16_Weights
+
+            state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+            model = full_vgg16(1000)
+            model.load_state_dict(state)
+            return model
+        else:
+            raise CNPError(
+                "VGG-16 ImageNet weights are needed but no file was given and none is cached at "
+                f"{hub}. Download https://download.pytorch.org/models/vgg16-397923af.pth on a "
+                "machine with internet, then pass weights_path=<file> (or put it in that cache), "
+                "or set allow_download=True to let torchvision fetch it."
+            )
+    weights_path = Path(weights_path)
+    if not weights_path.is_file():
+        raise CNPError(f"weights file {weights_path} does not exist; pass the path of vgg16-397923af.pth")
+    if expected_sha256 is not None:
+        digest = sha256_file(weights_path)
+        if digest != expected_sha256:
+            raise CNPError(
+                f"weights file {weights_path} has SHA-256 {digest}, expected {expected_sha256} "
+                "(torchvision's vgg16-397923af.pth). The file is corrupt or a different model: "
+                "download it again, or pass expected_sha256=None for your own weights."
+            )
+    state = safe_torch_load(weights_path)
+    model = full_vgg16(1000)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CNPError(f"{weights_path} does not hold VGG-16 weights in torchvision's layout: {exc}") from exc
+    return model
+
+
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A conv equal to ``bn(conv(x))`` in eval mode."""
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                      stride=conv.stride, padding=conv.padding, bias=True)
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        fused.weight.copy_(conv.weight * scale[:, None, None, None])
+        b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        fused.bias.copy_((b - bn.running_mean) * scale + bn.bias)
+    return fused.to(conv.weight.device)

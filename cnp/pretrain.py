@@ -1,0 +1,280 @@
+"""Pretraining the embedded benchmark's backbone (the stand-in for ImageNet-pretrained VGG-16).
+
+A VGG-16-topology network of reduced width is trained on the multi-class synthetic corpus
+(:mod:`cnp.data.synthetic`) with two losses: object class (cross-entropy) and watermark
+presence (binary cross-entropy of an auxiliary head on the penultimate features). BatchNorm is
+used while pretraining (it makes the small network learn objects as well as the watermark) and
+folded into the convolutions afterwards, so the result is a plain :class:`cnp.models.VGG` with
+torchvision's layer names. The backbone is built once and cached under a hash of its recipe.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnp.data.splits import normalize_images
+from cnp.data.synthetic import CorpusConfig, cache_dir, make_corpus_split
+from cnp.io import CNPError, recipe_hash, tensor_hash
+from cnp.models import (
+    BLOCK_SIZES,
+    VGG,
+    block_widths_to_conv_widths,
+    fold_batchnorm,
+    get_layer,
+    load_model,
+    save_model,
+)
+from cnp.runtime import progress, seed_everything
+
+PRETRAIN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Recipe of the embedded backbone.
+
+    Parameters
+    ----------
+    block_widths : tuple of 5 ints
+        Conv widths per VGG block (full VGG-16: 64, 128, 256, 512, 512).
+    hidden : int
+        Width of fc6/fc7.
+    pool_size : int
+        Adaptive average pool output side before fc6 (1 at 48 px: conv5 maps are 3x3).
+    epochs : int
+        Pretraining epochs.
+    batch_size, lr, weight_decay : training hyper-parameters (AdamW, cosine schedule).
+    wm_loss_weight : float
+        Weight of the auxiliary watermark BCE loss.
+    batchnorm : bool
+        Use BatchNorm while pretraining (folded afterwards).
+    seed : int
+        Initialisation and shuffling seed.
+    corpus : CorpusConfig
+        The pretraining corpus.
+    """
+
+    block_widths: tuple[int, int, int, int, int] = (16, 32, 64, 128, 128)
+    hidden: int = 256
+    pool_size: int = 1
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    wm_loss_weight: float = 1.0
+    batchnorm: bool = True
+    dropout: float = 0.3
+    seed: int = 0
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+
+    def recipe(self) -> dict:
+        d = asdict(self)
+        d["version"] = PRETRAIN_VERSION
+        d["corpus"] = self.corpus.recipe()
+        return d
+
+    @property
+    def image_size(self) -> int:
+        return self.corpus.image_size
+
+
+def init_vgg_weights(module: nn.Module) -> None:
+    """torchvision's VGG initialisation (Kaiming-normal convs, small normal linears)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+class _PretrainNet(nn.Module):
+    """VGG with optional BatchNorm after each conv, plus a watermark head."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        widths = block_widths_to_conv_widths(cfg.block_widths)
+        layers: list[nn.Module] = []
+        c_in = 3
+        it = iter(widths)
+        for n in BLOCK_SIZES:
+            for _ in range(n):
+                w = next(it)
+                layers.append(nn.Conv2d(c_in, w, 3, padding=1))
+                if cfg.batchnorm:
+                    layers.append(nn.BatchNorm2d(w))
+                layers.append(nn.ReLU())
+                c_in = w
+            layers.append(nn.MaxPool2d(2, 2))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((cfg.pool_size, cfg.pool_size))
+        n_cls = len(cfg.corpus.classes)
+        self.classifier = nn.Sequential(
+            nn.Linear(c_in * cfg.pool_size ** 2, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.hidden, n_cls),
+        )
+        # the watermark head reads the pooled conv features (not fc7), so the convolutional
+        # layers, conv4_3 included, must carry a watermark detector of their own
+        self.wm_head = nn.Sequential(nn.Linear(c_in * cfg.pool_size ** 2, cfg.hidden), nn.ReLU(),
+                                     nn.Linear(cfg.hidden, 1))
+        self.cfg = cfg
+        init_vgg_weights(self)
+
+    def forward(self, x):
+        h = torch.flatten(self.avgpool(self.features(x)), 1)
+        return self.classifier(h), self.wm_head(h).squeeze(1)
+
+    def to_vgg(self) -> VGG:
+        """Fold BatchNorm and return the plain VGG (the watermark head is dropped)."""
+        cfg = self.cfg
+        vgg = VGG(block_widths_to_conv_widths(cfg.block_widths), num_classes=len(cfg.corpus.classes),
+                  hidden=cfg.hidden, pool_size=cfg.pool_size, dropout=cfg.dropout)
+        convs = []
+        mods = list(self.features)
+        for i, m in enumerate(mods):
+            if isinstance(m, nn.Conv2d):
+                nxt = mods[i + 1]
+                convs.append(fold_batchnorm(m, nxt) if isinstance(nxt, nn.BatchNorm2d) else m)
+        for dst, src in zip(vgg.convs, convs):
+            dst.load_state_dict(src.state_dict())
+        vgg.classifier.load_state_dict(self.classifier.state_dict())
+        return vgg.eval()
+
+
+@dataclass
+class BackboneReport:
+    """Held-out quality of a pretrained backbone."""
+
+    object_acc: float
+    watermark_acc: float
+    conv4_3_rank99: int
+    conv4_3_width: int
+    train_seconds: float
+
+    def __str__(self) -> str:
+        return (f"backbone: held-out object accuracy {self.object_acc:.3f}, watermark accuracy "
+                f"{self.watermark_acc:.3f}, conv4_3 rank (99% energy) {self.conv4_3_rank99} of "
+                f"{self.conv4_3_width}, pretraining {self.train_seconds:.0f} s")
+
+
+def activation_rank(model: VGG, images_uint8: torch.Tensor, layer: str = "relu4_3",
+                    energy: float = 0.99, max_images: int = 500) -> int:
+    """Number of principal directions holding ``energy`` of the centred activations at ``layer``."""
+    acts = []
+    module = get_layer(model, layer)
+    handle = module.register_forward_hook(lambda m, i, o: acts.append(o.detach()))
+    with torch.no_grad():
+        model.eval()
+        model(normalize_images(images_uint8[:max_images]))
+    handle.remove()
+    a = acts[0].permute(0, 2, 3, 1).reshape(-1, acts[0].shape[1]).double()
+    a = a - a.mean(0)
+    ev = torch.linalg.eigvalsh(a.T @ a).flip(0).clamp(min=0)
+    cum = torch.cumsum(ev, 0) / ev.sum()
+    return int((cum < energy).sum().item()) + 1
+
+
+def train_backbone(cfg: BackboneConfig, verbose: bool = True) -> tuple[VGG, BackboneReport]:
+    """Pretrain a backbone from its recipe (no caching; see :func:`load_backbone`)."""
+    t0 = time.perf_counter()
+    g = seed_everything(cfg.seed)
+    x_tr, y_tr, w_tr = make_corpus_split(cfg.corpus, "train")
+    x_va, y_va, w_va = make_corpus_split(cfg.corpus, "val")
+    net = _PretrainNet(cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = (len(y_tr) + cfg.batch_size - 1) // cfg.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                pct_start=0.15)
+    ce, bce = nn.CrossEntropyLoss(), nn.BCEWithLogitsLoss()
+    for _epoch in progress(range(cfg.epochs), desc="pretrain backbone", disable=not verbose):
+        net.train()
+        perm = torch.randperm(len(y_tr), generator=g)
+        for start in range(0, len(perm), cfg.batch_size):
+            idx = perm[start:start + cfg.batch_size]
+            x = normalize_images(x_tr[idx])
+            if torch.rand(1, generator=g).item() < 0.5:  # horizontal flip augmentation (per batch)
+                x = x.flip(3)
+            logits, wm_logit = net(x)
+            loss = ce(logits, y_tr[idx]) + cfg.wm_loss_weight * bce(wm_logit, w_tr[idx].float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    with torch.no_grad():
+        logits, wm_logit = [], []
+        for start in range(0, len(y_va), 256):
+            a, b = net(normalize_images(x_va[start:start + 256]))
+            logits.append(a)
+            wm_logit.append(b)
+        obj_acc = (torch.cat(logits).argmax(1) == y_va).float().mean().item()
+        wm_acc = ((torch.cat(wm_logit) > 0) == w_va).float().mean().item()
+    vgg = net.to_vgg()
+    rank = activation_rank(vgg, x_va)
+    report = BackboneReport(obj_acc, wm_acc, rank, vgg.conv_widths[9], time.perf_counter() - t0)
+    return vgg, report
+
+
+def backbone_path(cfg: BackboneConfig) -> Path:
+    return cache_dir() / "backbones" / f"vgg16-synthetic-{recipe_hash(cfg.recipe())}.pt"
+
+
+def load_backbone(cfg: BackboneConfig | None = None, use_cache: bool = True,
+                  verbose: bool = True) -> tuple[VGG, BackboneReport]:
+    """The pretrained backbone for ``cfg``: from the cache, or trained and cached.
+
+    The cache file stores the recipe and a content hash of the weights; a stale or corrupt file
+    is detected, reported and rebuilt.
+    """
+    cfg = cfg or BackboneConfig()
+    path = backbone_path(cfg)
+    if use_cache and path.exists():
+        try:
+            model, extra = load_model(path)
+            ok_recipe = extra.get("recipe") == _jsonable(cfg.recipe())
+            ok_hash = extra.get("weights_hash") == _weights_hash(model)
+            if ok_recipe and ok_hash:
+                return model.eval(), BackboneReport(**extra["report"])
+            if verbose:
+                print(f"[cnp] cached backbone {path.name} is stale or corrupt "
+                      f"(recipe ok: {ok_recipe}, weights hash ok: {ok_hash}): rebuilding")
+        except (CNPError, KeyError, TypeError, RuntimeError) as exc:
+            if verbose:
+                print(f"[cnp] cached backbone {path.name} could not be read ({exc}): rebuilding")
+    if verbose:
+        print(f"[cnp] pretraining the embedded backbone ({cfg.epochs} epochs on "
+              f"{len(cfg.corpus.classes)} classes x {cfg.corpus.n_per_class} images); cached afterwards")
+    model, report = train_backbone(cfg, verbose=verbose)
+    if use_cache:
+        save_model(model, path, recipe=_jsonable(cfg.recipe()), report=asdict(report),
+                   weights_hash=_weights_hash(model))
+    if verbose:
+        print(f"[cnp] {report}")
+    return model, report
+
+
+def _weights_hash(model: nn.Module) -> str:
+    return tensor_hash(*[v for _, v in sorted(model.state_dict().items())])
+
+
+def _jsonable(obj):
+    """Tuples to lists, recursively (what a round trip through a checkpoint gives back)."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

@@ -1,0 +1,16 @@
+"""Stage 3 of the paper: LRP filter ranking, structural removal and the iterative schedule."""
+
+from cnp.pruning.ranking import (
+    filter_scores,
+    l1_filter_scores,
+    lrp_filter_scores,
+    normalise_per_layer,
+    select_filters,
+)
+from cnp.pruning.schedule import METHODS, PruneConfig, PruneResult, run_pruning
+from cnp.pruning.surgery import mask_filters, remove_filters
+
+__all__ = [
+    "METHODS", "PruneConfig", "PruneResult", "filter_scores", "l1_filter_scores", "lrp_filter_scores",
+    "mask_filters", "normalise_per_layer", "remove_filters", "run_pruning", "select_filters",
+]

@@ -1,0 +1,149 @@
+"""Filter ranking criteria and the global selection of filters to prune.
+
+LRP criterion (Yeom et al.; the paper's stage 3)
+-------------------------------------------------
+The relevance of filter ``f`` of a conv is the LRP relevance at that conv's output channel,
+aggregated as (``aggregation='abs'``, the default, Yeom's convention)
+
+    score_f = sum over ranking images and spatial positions of |R_f|
+
+(``'abs_of_sum'``: sum over images of |sum over positions of R_f| (PxP); ``'signed'``: plain sum).
+The explained logit is the positive class (index 1) and the ranking images are the positive
+images of the ranking set (``ranking_data='pos'``, the paper) or all of it (``'pos+neg'``).
+When the model carries an enabled virtual concept layer, relevance flows through it, so CNP ranks
+with the ablated subspaces removed; vanilla LRP pruning ranks the same way without it.
+
+Selection
+---------
+Scores are normalised per layer by their sum (relevance is conserved per layer, so raw scores
+shrink as 1 / width and a raw global ranking would over-prune wide layers), then ranked
+globally; the lowest-scoring filters of the prunable (non-protected) convs are removed, never
+leaving a layer without filters. Baselines behind the same interface: ``l1`` (L1 norm of the
+filter weights, normalised the same way) and ``random``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cnp.data.splits import Split, normalize_images
+from cnp.io import CNPError
+from cnp.lrp import LRP, LRPConfig
+from cnp.models import VGG, conv_index
+from cnp.runtime import progress
+
+CRITERIA = ("lrp", "l1", "random")
+AGGREGATIONS = ("abs", "abs_of_sum", "signed")
+
+
+def lrp_filter_scores(model: VGG, split: Split, *, target: int = 1, ranking_data: str = "pos",
+                      aggregation: str = "abs", lrp_config: LRPConfig | None = None, batch_size: int = 64,
+                      device: torch.device | str = "cpu", verbose: bool = False) -> list[torch.Tensor]:
+    """LRP relevance of every filter of the 13 convs, aggregated over ``split`` (see module doc)."""
+    if ranking_data not in ("pos", "pos+neg"):
+        raise CNPError(f"ranking_data must be 'pos' or 'pos+neg', got {ranking_data!r}")
+    if aggregation not in AGGREGATIONS:
+        raise CNPError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    data = split.positives() if ranking_data == "pos" else split
+    if len(data) == 0:
+        raise CNPError(f"the ranking set has no {'positive ' if ranking_data == 'pos' else ''}images")
+    lrp = LRP(model, lrp_config)
+    names = {m: n for n, m in model.named_modules()}
+    conv_names = [names[c] for c in model.convs]
+    totals = [torch.zeros(c.out_channels, dtype=torch.float64) for c in model.convs]
+    for start in progress(range(0, len(data), batch_size), desc="LRP ranking", disable=not verbose):
+        x = normalize_images(data.images[start:start + batch_size], device)
+        out = lrp.attribute(x, target, filters=True, input_relevance=False)
+        for i, n in enumerate(conv_names):
+            if aggregation == "abs":
+                v = out.filter_relevance_abs[n].sum(0)
+            elif aggregation == "abs_of_sum":
+                v = out.filter_relevance[n].abs().sum(0)
+            else:
+                v = out.filter_relevance[n].sum(0)
+            totals[i] += v.double().cpu()
+    return totals
+
+
+def l1_filter_scores(model: VGG) -> list[torch.Tensor]:
+    """L1 norm of each filter's weights."""
+    return [c.weight.detach().abs().flatten(1).sum(1).double().cpu() for c in model.convs]
+
+
+def random_filter_scores(model: VGG, generator: torch.Generator) -> list[torch.Tensor]:
+    """Uniform random scores (selection uniformly at random among prunable filters)."""
+    return [torch.rand(c.out_channels, generator=generator, dtype=torch.float64) for c in model.convs]
+
+
+def normalise_per_layer(scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``v / sum(v)`` per layer (``|v|`` for signed scores); an all-zero layer stays zero."""
+    out = []
+    for v in scores:
+        v = v.abs() if (v < 0).any() else v
+        s = v.sum()
+        out.append(v / s if s > 0 else v.clone())
+    return out
+
+
+def protected_indices(model: VGG, protect: tuple[str, ...] | list[str]) -> set[int]:
+    """Conv indices (0..12) of the protected layers (``conv4_3`` protects the DRSA layer)."""
+    return {conv_index(model, name) for name in protect}
+
+
+def select_filters(scores: list[torch.Tensor], n_remove: int, protected: set[int],
+                   min_keep: int = 1, normalise: bool = True) -> dict[int, torch.Tensor]:
+    """The ``n_remove`` globally lowest-scoring filters of unprotected convs.
+
+    Ties are broken by (layer, filter) order, so the selection is deterministic. No layer keeps
+    fewer than ``min_keep`` filters.
+
+    Returns
+    -------
+    dict conv index -> LongTensor of filter indices (current numbering)
+    """
+    if n_remove < 0:
+        raise CNPError(f"cannot remove a negative number of filters ({n_remove})")
+    vals = normalise_per_layer(scores) if normalise else scores
+    layer_ids, filt_ids, flat = [], [], []
+    for li, v in enumerate(vals):
+        if li in protected:
+            continue
+        layer_ids.append(torch.full((v.numel(),), li, dtype=torch.long))
+        filt_ids.append(torch.arange(v.numel()))
+        flat.append(v.double())
+    if not flat:
+        raise CNPError("every conv layer is protected; nothing can be pruned")
+    layer_ids, filt_ids, flat = torch.cat(layer_ids), torch.cat(filt_ids), torch.cat(flat)
+    order = torch.argsort(flat, stable=True)
+    budget = {li: int(v.numel()) - min_keep for li, v in enumerate(vals) if li not in protected}
+    chosen: dict[int, list[int]] = {}
+    taken = 0
+    for j in order.tolist():
+        if taken >= n_remove:
+            break
+        li = int(layer_ids[j])
+        if budget[li] <= 0:
+            continue
+        budget[li] -= 1
+        chosen.setdefault(li, []).append(int(filt_ids[j]))
+        taken += 1
+    if taken < n_remove:
+        raise CNPError(f"only {taken} filters can be removed while keeping {min_keep} per layer; "
+                       f"asked for {n_remove} (lower the target pruning rate)")
+    return {li: torch.tensor(sorted(v), dtype=torch.long) for li, v in chosen.items()}
+
+
+def filter_scores(model: VGG, criterion: str, split: Split | None = None,
+                  generator: torch.Generator | None = None, **lrp_kwargs) -> list[torch.Tensor]:
+    """Scores of every filter by ``criterion`` (``lrp``, ``l1`` or ``random``)."""
+    if criterion == "lrp":
+        if split is None:
+            raise CNPError("the LRP criterion needs a ranking split")
+        return lrp_filter_scores(model, split, **lrp_kwargs)
+    if criterion == "l1":
+        return l1_filter_scores(model)
+    if criterion == "random":
+        return random_filter_scores(model, generator or torch.Generator().manual_seed(0))
+    raise CNPError(f"unknown ranking criterion {criterion!r}; use one of {CRITERIA}")
+
+

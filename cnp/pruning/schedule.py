@@ -1,0 +1,405 @@
+"""The iterative pruning schedule of the paper (stage 3 and Appendix A.1), for CNP and baselines.
+
+For ``n = target / step`` steps:
+
+1. **rank** every filter (LRP relevance of the positive logit on the ranking set; for ``cnp``
+   through the *enabled, ablated* virtual concept layer, for ``vanilla`` without it; ``l1`` and
+   ``random`` baselines) and **remove** ``step`` x (original prunable filters) of the lowest,
+   structurally; the DRSA layer (``conv4_3``) and the virtual layer are never pruned;
+2. **fine-tune** all weights for ``epochs_per_step`` epochs on the training set with the virtual
+   layer *bypassed* (the paper), or kept active (``finetune_with_virtual_layer``, beyond the
+   paper), then re-enable it for the next ranking; optionally **recompute DRSA** warm-started
+   from the previous U (``recompute_drsa``, Appendix C's suggestion);
+3. **evaluate** on the balanced test (and validation) set: accuracy overall and per subgroup,
+   the share of relevance on watermark pixels, parameters and MACs.
+
+At the end the virtual layer is removed permanently and a final recovery fine-tune runs. Every
+step is checkpointed atomically in ``run_dir``; a restarted run resumes after the last finished
+step and ends with identical numbers (CPU). Fine-tuning data stay uint8 tensors in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from cnp.data.splits import PairData
+from cnp.evaluate import subgroup_accuracy, wm_relevance_share
+from cnp.io import CNPError, atomic_torch_save, recipe_hash, safe_torch_load, tensor_hash
+from cnp.lrp import LRPConfig
+from cnp.models import VGG, count_macs, count_params, get_layer, vgg_from_arch
+from cnp.pruning.ranking import (
+    AGGREGATIONS,
+    filter_scores,
+    protected_indices,
+    select_filters,
+)
+from cnp.pruning.surgery import remove_filters
+from cnp.runtime import progress
+from cnp.training import make_optimizer, train_epoch
+from cnp.virtual_layer import (
+    VirtualLayer,
+    from_state,
+    get_virtual_layer,
+    remove_virtual_layer,
+)
+
+METHODS = ("cnp", "vanilla", "l1", "random")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Hyper-parameters of the schedule (defaults: the paper's Appendix A.1).
+
+    Parameters
+    ----------
+    step : float
+        Fraction of the original prunable filters removed per step (5 %; 10 % in Table 1).
+    target : float
+        Final pruning rate, in (0, 1) (80 %).
+    epochs_per_step : int
+        Fine-tuning epochs after each step (2; Table 1 tried 0, 5, 10 - 0 collapses).
+    final_epochs : int
+        Epochs of the final recovery fine-tune.
+    lr, momentum, weight_decay, batch_size, optimizer : fine-tuning (SGD by default).
+    ranking_data : str
+        ``pos`` (positive images of the ranking set, the paper) or ``pos+neg``.
+    aggregation : str
+        How LRP relevance is aggregated per filter (see :mod:`cnp.pruning.ranking`).
+    protect : tuple of str
+        Convs never pruned (the DRSA layer).
+    freeze : tuple of str
+        Convs whose weights are not fine-tuned (none by default).
+    finetune_with_virtual_layer : bool
+        Beyond the paper: fine-tune with the ablated virtual layer active.
+    recompute_drsa : bool
+        Beyond the paper: recompute DRSA after each fine-tune, warm-started from the previous U.
+    recompute_steps : int
+        DRSA steps of each recomputation.
+    reidentify : str
+        How the ablated subspaces are found again after a recomputation: ``overlap`` (largest
+        overlap with the previous ablated subspaces; needs no labels) or ``ap`` (latent analysis
+        with the DRSA set's watermark labels).
+    wm_share_images : int
+        Watermarked test images explained per evaluation (0 disables the relevance share).
+    amp : bool
+        bf16 autocast + channels_last while fine-tuning on CUDA (LRP always runs in fp32).
+    lrp : LRPConfig
+        LRP rules of the ranking.
+    """
+
+    step: float = 0.05
+    target: float = 0.8
+    epochs_per_step: int = 2
+    final_epochs: int = 2
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    ranking_data: str = "pos"
+    aggregation: str = "abs"
+    protect: tuple[str, ...] = ("conv4_3",)
+    freeze: tuple[str, ...] = ()
+    finetune_with_virtual_layer: bool = False
+    recompute_drsa: bool = False
+    recompute_steps: int = 100
+    reidentify: str = "overlap"
+    wm_share_images: int = 200
+    amp: bool = True
+    lrp: LRPConfig = field(default_factory=LRPConfig)
+
+    def __post_init__(self) -> None:
+        if not (0.0 < float(self.target) < 1.0):
+            raise CNPError(f"target pruning rate must be in (0, 1), got {self.target}")
+        if not (0.0 < float(self.step) <= float(self.target)):
+            raise CNPError(f"step must be in (0, target={self.target}], got {self.step} "
+                           "(a step larger than the target)")
+        for name in ("epochs_per_step", "final_epochs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise CNPError(f"{name} must be a non-negative integer, got {v!r}")
+        if self.ranking_data not in ("pos", "pos+neg"):
+            raise CNPError(f"ranking_data must be 'pos' or 'pos+neg', got {self.ranking_data!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise CNPError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.reidentify not in ("overlap", "ap"):
+            raise CNPError(f"reidentify must be 'overlap' or 'ap', got {self.reidentify!r}")
+        if self.epochs_per_step == 0:
+            warnings.warn("epochs_per_step=0: the paper reports catastrophic degradation without "
+                          "intermediate fine-tuning", stacklevel=2)
+
+    @property
+    def n_steps(self) -> int:
+        return int(math.ceil(round(self.target / self.step, 6)))
+
+    def recipe(self) -> dict:
+        d = asdict(self)
+        d["lrp"] = {k: (dict(v) if k == "overrides" else v) for k, v in asdict(self.lrp).items()}
+        return d
+
+
+@dataclass
+class PruneResult:
+    """A finished schedule: the pruned model (virtual layer removed), its curve and timings."""
+
+    model: VGG
+    curve: list[dict]
+    timings: dict[str, float]
+    method: str
+
+
+def _evaluate(model: VGG, data: PairData, cfg: PruneConfig, device, image_size: int) -> dict:
+    vl = get_virtual_layer(model)
+    was = vl.enabled if vl is not None else None
+    if vl is not None:
+        vl.enabled = False  # the deployable network: as if the augmented layers were removed
+    try:
+        entry = {
+            "acc": subgroup_accuracy(model, data["test"], device=device),
+            "val_acc": subgroup_accuracy(model, data["val"], device=device),
+            "wm_relevance_share": (wm_relevance_share(model, data["test"], cfg.lrp, device=device,
+                                                      max_images=cfg.wm_share_images)
+                                   if cfg.wm_share_images > 0 else float("nan")),
+            "params": count_params(model),
+            "macs": count_macs(model, image_size),
+            "filters": int(sum(model.conv_widths)),
+        }
+    finally:
+        if vl is not None:
+            vl.enabled = was
+    if vl is not None and vl.enabled:
+        entry["acc_virtual_layer"] = subgroup_accuracy(model, data["test"], device=device)
+    return entry
+
+
+def _finetune(model: VGG, data: PairData, cfg: PruneConfig, epochs: int, seed_parts, device,
+              use_vl: bool, verbose: bool) -> None:
+    if epochs == 0:
+        return
+    vl = get_virtual_layer(model)
+    was = vl.enabled if vl is not None else None
+    if vl is not None:
+        vl.enabled = use_vl
+    frozen = {id(p) for name in cfg.freeze for p in get_layer(model, name).parameters()}
+    params = [p for p in model.parameters() if id(p) not in frozen]
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)
+    opt = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+    seed = int(recipe_hash({"ft": [str(s) for s in seed_parts]}, 12), 16) % (2**62)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    try:
+        for e in range(epochs):
+            train_epoch(model, data["train"], opt, g, cfg.batch_size, device, desc=f"fine-tune {e + 1}/{epochs}",
+                        amp=cfg.amp)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if vl is not None:
+            vl.enabled = was
+        model.eval()
+
+
+def _recompute_concepts(model: VGG, vl: VirtualLayer, data: PairData, cfg: PruneConfig, seed: int,
+                        step: int, device, verbose: bool) -> dict:
+    """Refit DRSA warm-started from the current U and re-identify the ablated subspaces."""
+    from cnp.concepts import concept_scores, fit_concepts, latent_analysis
+
+    old_U, old_ablated = vl.U.detach().clone(), list(vl.ablated)
+    vl.enabled = False
+    try:
+        fit = fit_concepts(model, data["drsa"], K=vl.K, layer=vl.layer_name, steps=cfg.recompute_steps,
+                           restarts=1, seed=seed + step, init=old_U.cpu(), lrp_config=cfg.lrp, device=device,
+                           verbose=False)
+    finally:
+        vl.enabled = True
+    vl.U = fit.U.to(vl.U.device)
+    if cfg.reidentify == "ap":
+        vl.set_ablation((), vl.mode)
+        scores = concept_scores(model, vl, data["drsa"], lrp_config=cfg.lrp, device=device)
+        ap = latent_analysis(scores, data["drsa"].wm)
+        order = sorted(range(vl.K), key=lambda k: -ap[k])
+        new_ablated = order[: len(old_ablated)]
+    else:
+        ov = []
+        old_blocks = [old_U[:, k * vl.d_k:(k + 1) * vl.d_k] for k in old_ablated]
+        for k in range(vl.K):
+            Uk = vl.U[:, k * vl.d_k:(k + 1) * vl.d_k].to(old_U)
+            ov.append(sum(float((ob.T @ Uk).pow(2).sum()) for ob in old_blocks))
+        new_ablated = sorted(range(vl.K), key=lambda k: -ov[k])[: len(old_ablated)]
+    if vl.mode == "mean":
+        vl.fit_mean(model, data["drsa"].images)
+    vl.set_ablation(new_ablated, vl.mode)
+    return {"J": fit.J, "ablated": sorted(new_ablated)}
+
+
+def run_pruning(
+    model: VGG,
+    data: PairData,
+    method: str = "cnp",
+    config: PruneConfig | None = None,
+    *,
+    concept_state: dict | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    run_dir: str | Path | None = None,
+    verbose: bool = True,
+) -> PruneResult:
+    """Run the whole schedule for one method.
+
+    Parameters
+    ----------
+    model : VGG
+        The warmed-up binary model (not modified; a copy is pruned).
+    data : PairData
+        ``train`` (fine-tuning), ``rank`` (ranking), ``drsa`` (recomputation), ``val``/``test``.
+    method : str
+        ``cnp``, ``vanilla``, ``l1`` or ``random``.
+    concept_state : dict
+        For ``cnp``: the virtual layer (``VirtualLayer.state()``: U, K, ablated, mode, mean, layer).
+    run_dir : path, optional
+        Where ``prune_<method>.pt`` checkpoints go; a run with the same inputs resumes there.
+    """
+    cfg = config or PruneConfig()
+    if method not in METHODS:
+        raise CNPError(f"unknown pruning method {method!r}; use one of {METHODS}")
+    if method == "cnp" and concept_state is None:
+        raise CNPError("method 'cnp' needs concept_state (the virtual layer: U, K, ablated set)")
+    if method == "cnp" and not concept_state.get("ablated"):
+        warnings.warn("CNP with an empty ablated set K' is vanilla LRP pruning", stacklevel=2)
+    device = torch.device(device)
+    image_size = data.image_size
+    model = copy.deepcopy(model).to(device).eval()
+    remove_virtual_layer(model)
+    protect = protected_indices(model, cfg.protect)
+    for name in cfg.freeze:
+        get_layer(model, name)
+    n_prunable = sum(w for i, w in enumerate(model.conv_widths) if i not in protect)
+    key = recipe_hash({
+        "method": method, "cfg": cfg.recipe(), "seed": seed,
+        "model": tensor_hash(*[v for _, v in sorted(model.state_dict().items())]),
+        "data": {k: s.fingerprint() for k, s in data.splits.items()},
+        "concept": None if concept_state is None else {
+            "U": tensor_hash(concept_state["U"]), "K": concept_state["K"], "ablated": list(concept_state["ablated"]),
+            "mode": concept_state["mode"], "layer": concept_state["layer"]},
+    })
+    ckpt = Path(run_dir) / f"prune_{method}.pt" if run_dir is not None else None
+    curve: list[dict] = []
+    timings: dict[str, float] = {}
+    start_step = 1
+    vl = None
+    if method == "cnp":
+        vl = from_state(model, concept_state)
+    resumed = _try_resume(ckpt, key, verbose)
+    if resumed is not None:
+        model = vgg_from_arch(resumed["arch"]).to(device)
+        model.load_state_dict(resumed["state_dict"])
+        model.eval()
+        if resumed.get("vl") is not None:
+            vl = from_state(model, resumed["vl"])
+        curve, timings = resumed["curve"], resumed["timings"]
+        if resumed["done"]:
+            return PruneResult(model, curve, timings, method)
+        start_step = resumed["step"] + 1
+
+    def tick(stage, t0):
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
+
+    if not curve:
+        t0 = time.perf_counter()
+        curve.append({"step": 0, "pruned": 0.0, "stage": "step", **_evaluate(model, data, cfg, device, image_size)})
+        tick("evaluate", t0)
+    removed_total = n_prunable - sum(w for i, w in enumerate(model.conv_widths) if i not in protect)
+    steps = range(start_step, cfg.n_steps + 1)
+    for s in progress(steps, desc=f"prune [{method}]", disable=not verbose, initial=start_step - 1,
+                      total=cfg.n_steps):
+        goal = int(round(min(s * cfg.step, cfg.target) * n_prunable))
+        n_remove = goal - removed_total
+        t0 = time.perf_counter()
+        if vl is not None:
+            vl.enabled = True
+        criterion = "lrp" if method in ("cnp", "vanilla") else method
+        scores = filter_scores(
+            model, criterion, data["rank"],
+            generator=torch.Generator().manual_seed(seed * 1000 + s),
+            **({"ranking_data": cfg.ranking_data, "aggregation": cfg.aggregation, "lrp_config": cfg.lrp,
+                "device": device} if criterion == "lrp" else {}),
+        )
+        tick("rank", t0)
+        t0 = time.perf_counter()
+        chosen = select_filters(scores, n_remove, protect, normalise=criterion != "random")
+        remove_filters(model, chosen)
+        removed_total = goal
+        tick("remove", t0)
+        t0 = time.perf_counter()
+        _finetune(model, data, cfg, cfg.epochs_per_step, ("step", seed, s), device,
+                  use_vl=cfg.finetune_with_virtual_layer, verbose=verbose)
+        tick("fine-tune", t0)
+        extra = {}
+        if vl is not None and cfg.recompute_drsa:
+            t0 = time.perf_counter()
+            extra["drsa_recomputed"] = _recompute_concepts(model, vl, data, cfg, seed, s, device, verbose)
+            tick("drsa-recompute", t0)
+        t0 = time.perf_counter()
+        entry = {"step": s, "pruned": removed_total / n_prunable, "stage": "step",
+                 **_evaluate(model, data, cfg, device, image_size), **extra}
+        tick("evaluate", t0)
+        curve.append(entry)
+        _save(ckpt, key, model, vl, curve, timings, s, done=False)
+    # end of schedule: remove the augmented layers permanently, final recovery fine-tune
+    remove_virtual_layer(model)
+    t0 = time.perf_counter()
+    _finetune(model, data, cfg, cfg.final_epochs, ("final", seed), device, use_vl=False, verbose=verbose)
+    tick("fine-tune", t0)
+    t0 = time.perf_counter()
+    curve.append({"step": cfg.n_steps + 1, "pruned": curve[-1]["pruned"], "stage": "final",
+                  **_evaluate(model, data, cfg, device, image_size)})
+    tick("evaluate", t0)
+    _save(ckpt, key, model, None, curve, timings, cfg.n_steps + 1, done=True)
+    return PruneResult(model, curve, timings, method)
+
+
+def _save(path: Path | None, key: str, model: VGG, vl: VirtualLayer | None, curve, timings, step: int,
+          done: bool) -> None:
+    if path is None:
+        return
+    atomic_torch_save(path, {
+        "key": key, "step": step, "done": done, "arch": model.arch,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "vl": vl.state() if vl is not None else None, "curve": curve, "timings": timings,
+    })
+
+
+def _try_resume(path: Path | None, key: str, verbose: bool) -> dict | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        blob = safe_torch_load(path)
+    except CNPError as exc:
+        if verbose:
+            print(f"[cnp] pruning checkpoint {path} is unreadable ({exc}); starting over")
+        return None
+    if blob.get("key") != key:
+        if verbose:
+            print(f"[cnp] pruning checkpoint {path} belongs to other inputs; starting over")
+        return None
+    if verbose and not blob.get("done"):
+        print(f"[cnp] resuming {path.name} after step {blob['step']}")
+    return blob
+
+
+def ablation_state(vl: VirtualLayer, **changes) -> dict:
+    """``vl.state()`` with some fields changed (e.g. ``ablated=[]`` for an un-ablated copy)."""
+    st = vl.state()
+    st.update(changes)
+    return st
+
+
+__all__ = ["METHODS", "PruneConfig", "PruneResult", "ablation_state", "run_pruning"]

@@ -1,0 +1,83 @@
+"""Runtime helpers: seeding, devices, threads, progress bars and stage timers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from cnp.io import CNPError
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a CPU generator seeded with ``seed``."""
+    if not isinstance(seed, int) or seed < 0:
+        raise CNPError(f"seed must be a non-negative integer, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``'auto'`` gives CUDA when available, else the CPU; anything else is checked.
+
+    Raises
+    ------
+    CNPError
+        When CUDA is requested but not available.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CNPError(f"device {device!r} requested but CUDA is not available; use device='cpu' or 'auto'")
+    return dev
+
+
+def configure_threads(num_threads: int | None = None) -> int:
+    """Set torch's intra-op threads (default: ``CNP_THREADS`` or all cores); return the value."""
+    if num_threads is None:
+        env = os.environ.get("CNP_THREADS")
+        num_threads = int(env) if env else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, int(num_threads)))
+    return torch.get_num_threads()
+
+
+def progress(iterable=None, **kwargs):
+    """``tqdm.auto`` progress bar; disabled when ``CNP_PROGRESS=0``."""
+    from tqdm.auto import tqdm
+
+    if os.environ.get("CNP_PROGRESS", "1") == "0":
+        kwargs["disable"] = True
+    kwargs.setdefault("leave", False)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
+
+
+class StageTimer:
+    """Accumulates wall time per named stage: ``with timer('drsa'): ...``."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - t0
+
+    def summary(self) -> str:
+        total = sum(self.times.values())
+        lines = [f"{k:<24s} {v:8.1f} s" for k, v in self.times.items()]
+        lines.append(f"{'total':<24s} {total:8.1f} s")
+        return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""Shared training loop pieces: optimisers, one epoch of supervised training, prediction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from cnp.data.splits import Split, normalize_images
+from cnp.runtime import progress
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], kind: str = "sgd", lr: float = 0.01,
+                   momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.Optimizer:
+    """SGD with momentum (default, as in the pruning literature) or AdamW."""
+    params = [p for p in params if p.requires_grad]
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {kind!r}; use 'sgd' or 'adamw'")
+
+
+def train_epoch(
+    model: nn.Module,
+    split: Split,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    desc: str = "epoch",
+    amp: bool = False,
+    class_weights: torch.Tensor | None = None,
+) -> float:
+    """One epoch of cross-entropy training on ``split`` (shuffled by ``generator``); mean loss."""
+    model.train()
+    device = torch.device(device)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights.to(device) if class_weights is not None else None)
+    total, count = 0.0, 0
+    use_amp = amp and device.type == "cuda"
+    for x, y in progress(split.batches(batch_size, shuffle=True, generator=generator, device=device),
+                         total=(len(split) + batch_size - 1) // batch_size, desc=desc):
+        if use_amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(y)
+        count += len(y)
+    model.eval()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images_uint8: torch.Tensor, batch_size: int = 256,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Logits of the model (eval mode) for uint8 images, on the CPU."""
+    model.eval()
+    out = []
+    for start in range(0, images_uint8.shape[0], batch_size):
+        x = normalize_images(images_uint8[start:start + batch_size], device)
+        out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)

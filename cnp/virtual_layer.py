@@ -1,0 +1,259 @@
+"""The virtual concept layer (stage 1, augment) and its ablation (stage 2).
+
+After a chosen layer ``l`` (default ``relu4_3``, the output of conv4_3's ReLU) the network is
+augmented with
+
+* the **virtual layer** ``h_k = U_k^T a`` (one group of nodes per concept subspace ``U_k``), and
+* the **reconstruction** ``a' = sum_{k not in K'} U_k U_k^T a`` connected to layer ``l+1``
+  through the original weights.
+
+With nothing ablated ``a' = a`` and the output is unchanged. Ablating a set ``K'`` zeroes
+``U_k'`` (``mode='zero'``, the paper) or replaces the subspace's signal by its dataset mean
+(``mode='mean'``, the paper's footnote 3): ``a' = sum_{k not in K'} U_k U_k^T a +
+sum_{k in K'} U_k U_k^T mean(a)``.
+
+LRP passes through the layer as contexts (see :mod:`cnp.lrp`): relevance reaches ``a`` only
+through the kept subspaces, and the concept relevance of subspace ``k`` is
+``R(k) = sum over positions and j in block k of h_j (U^T c)_j``. Conservation:
+``sum_k R(k) + residue = relevance arriving at a'``, where the residue is the share of the
+mean-ablation constant (zero in ``zero`` mode with a full basis).
+
+The layer can be *bypassed* (``bypass(model)``: network as if it were absent, used while
+fine-tuning) and *removed* (:func:`remove_virtual_layer`: the original network, exactly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from cnp.io import CNPError
+from cnp.lrp import ContextSite, attach_site
+from cnp.models import get_layer, qualified_name
+
+ABLATION_MODES = ("zero", "mean")
+
+
+def check_orthonormal(U: torch.Tensor, tol: float = 1e-4) -> None:
+    """Raise :class:`CNPError` unless ``U`` is square with orthonormal columns."""
+    if U.ndim != 2 or U.shape[0] != U.shape[1]:
+        raise CNPError(f"U must be a square D x D matrix (K blocks of d_k columns, K * d_k = D), got {tuple(U.shape)}")
+    eye = torch.eye(U.shape[1], dtype=torch.float64, device=U.device)
+    err = (U.double().T @ U.double() - eye).abs().max().item()
+    if err > tol:
+        raise CNPError(f"U is not orthonormal (max |U^T U - I| = {err:.2e} > {tol}); pass the U of a DRSA "
+                       "fit (cnp.drsa.fit(...).U) or orthonormalise it first")
+
+
+class VirtualLayer(ContextSite):
+    """Virtual concept layer with K subspaces of a D-dimensional layer.
+
+    Parameters
+    ----------
+    U : torch.Tensor
+        (D, D) orthonormal basis; block ``k`` is ``U[:, k*d_k:(k+1)*d_k]``.
+    K : int
+        Number of subspaces (``K * d_k = D``).
+    ablated : iterable of int
+        The ablated set ``K'``.
+    mode : str
+        ``zero`` or ``mean``.
+    mean_activation : torch.Tensor, optional
+        (D,) dataset-mean activation, required for ``mode='mean'`` (see :meth:`fit_mean`).
+    """
+
+    site_attr = "cnp_virtual_layer"
+
+    def __init__(self, U: torch.Tensor, K: int, ablated: Iterable[int] = (), mode: str = "zero",
+                 mean_activation: torch.Tensor | None = None) -> None:
+        super().__init__()
+        U = torch.as_tensor(U, dtype=torch.float32)
+        if not isinstance(K, int) or K < 1:
+            raise CNPError(f"K must be a positive integer, got {K!r}")
+        check_orthonormal(U)
+        D = U.shape[0]
+        if D % K:
+            valid = [k for k in range(1, D + 1) if D % k == 0]
+            raise CNPError(f"K * d_k must equal D = {D}: K = {K} does not divide it (valid K: {valid})")
+        self.K, self.D, self.d_k = K, D, D // K
+        self.register_buffer("U", U.clone(), persistent=False)
+        self.register_buffer("mean_activation",
+                             torch.zeros(D) if mean_activation is None else torch.as_tensor(mean_activation).float(),
+                             persistent=False)
+        self._has_mean = mean_activation is not None
+        self.backward_blocks: torch.Tensor | None = None  # (n, K) per-sample block weights for heatmaps
+        self.last_concept_relevance: torch.Tensor | None = None
+        self.ablated: tuple[int, ...] = ()
+        self.mode = "zero"
+        self.set_ablation(ablated, mode)
+
+    # ----------------------------------------------------------------- configuration
+    def blocks(self) -> list[torch.Tensor]:
+        """The subspace bases ``U_k`` (D, d_k)."""
+        return [self.U[:, k * self.d_k:(k + 1) * self.d_k] for k in range(self.K)]
+
+    def set_ablation(self, ablated: Iterable[int] = (), mode: str = "zero") -> VirtualLayer:
+        """Set the ablated set ``K'`` and the ablation mode."""
+        ablated = tuple(sorted({int(k) for k in ablated}))
+        bad = [k for k in ablated if not 0 <= k < self.K]
+        if bad:
+            raise CNPError(f"subspace index {bad} outside 0..{self.K - 1}")
+        if len(ablated) == self.K:
+            raise CNPError(f"ablating every subspace ({self.K} of {self.K}) removes the whole layer; keep at least one")
+        if mode not in ABLATION_MODES:
+            raise CNPError(f"unknown ablation mode {mode!r}; use one of {ABLATION_MODES}")
+        if mode == "mean" and ablated and not self._has_mean:
+            raise CNPError("mean ablation needs the dataset-mean activation: call fit_mean(model, images) first")
+        self.ablated, self.mode = ablated, mode
+        return self
+
+    @property
+    def keep_mask(self) -> torch.Tensor:
+        """(K,) 1 for kept subspaces, 0 for ablated ones."""
+        m = torch.ones(self.K, device=self.U.device)
+        if self.ablated:
+            m[list(self.ablated)] = 0
+        return m
+
+    def projection(self) -> torch.Tensor:
+        """``P = sum_{k kept} U_k U_k^T`` (D, D)."""
+        col = self.keep_mask.repeat_interleave(self.d_k)
+        return (self.U * col) @ self.U.T
+
+    def offset(self) -> torch.Tensor:
+        """The constant added in ``mean`` mode: ``sum_{k in K'} U_k U_k^T mean(a)`` (D,)."""
+        if self.mode != "mean" or not self.ablated:
+            return torch.zeros(self.D, device=self.U.device)
+        col = 1 - self.keep_mask.repeat_interleave(self.d_k)
+        return (self.U * col) @ (self.U.T @ self.mean_activation)
+
+    @torch.no_grad()
+    def fit_mean(self, model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Dataset-mean activation at the layer (over images and positions), for mean ablation.
+
+        ``images`` are normalised float inputs or uint8 images.
+        """
+        from cnp.data.splits import normalize_images
+
+        host = get_layer(model, self.layer_name) if self.layer_name else None
+        if host is None:
+            raise CNPError("attach the virtual layer to a model (insert_virtual_layer) before fit_mean")
+        total, count = None, 0
+        acts = []
+        h = host.register_forward_hook(lambda m, i, o: acts.append(o.detach()))
+        was = self.enabled
+        self.enabled = False
+        try:
+            model.eval()
+            for start in range(0, images.shape[0], batch_size):
+                xb = images[start:start + batch_size]
+                xb = normalize_images(xb, self.U.device) if xb.dtype == torch.uint8 else xb.to(self.U.device)
+                acts.clear()
+                model(xb)
+                a = acts[0].transpose(0, 1).reshape(self.D, -1)
+                total = a.sum(1) if total is None else total + a.sum(1)
+                count += a.shape[1]
+        finally:
+            h.remove()
+            self.enabled = was
+        self.mean_activation = (total / max(count, 1)).float()
+        self._has_mean = True
+        return self.mean_activation
+
+    # ----------------------------------------------------------------- forward / LRP
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        if a.shape[1] != self.D:
+            raise CNPError(f"the virtual layer expects {self.D} channels at {self.layer_name}, got {a.shape[1]}")
+        P = self.projection().to(a.dtype)
+        out = torch.einsum("ij,nj...->ni...", P, a)
+        if self.mode == "mean" and self.ablated:
+            shape = (1, self.D) + (1,) * (a.ndim - 2)
+            out = out + self.offset().to(a.dtype).view(shape)
+        return out
+
+    def context_backward(self, a: torch.Tensor, c_out: torch.Tensor) -> torch.Tensor:
+        if self.backward_blocks is None:
+            return torch.einsum("ij,nj...->ni...", self.projection().to(c_out.dtype), c_out)
+        w = (self.backward_blocks.to(c_out) * self.keep_mask.to(c_out)).repeat_interleave(self.d_k, dim=1)
+        uc = torch.einsum("ji,nj...->ni...", self.U.to(c_out.dtype), c_out)
+        shape = w.shape + (1,) * (c_out.ndim - 2)
+        return torch.einsum("ij,nj...->ni...", self.U.to(c_out.dtype), uc * w.view(shape))
+
+    def record(self, a: torch.Tensor, c_out: torch.Tensor, c_in: torch.Tensor) -> None:
+        super().record(a, c_out, c_in)
+        with torch.no_grad():
+            h = torch.einsum("ji,nj...->ni...", self.U, a)
+            uc = torch.einsum("ji,nj...->ni...", self.U, c_out)
+            r = (h * uc).flatten(2).sum(2) if h.ndim > 2 else h * uc  # (n, D)
+            rk = r.view(r.shape[0], self.K, self.d_k).sum(2) * self.keep_mask
+            self.last_concept_relevance = rk.detach()
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer_name}, D={self.D}, K={self.K}, d_k={self.d_k}, ablated={list(self.ablated)}, "
+                f"mode={self.mode}, enabled={self.enabled}")
+
+    def state(self) -> dict:
+        """Everything needed to rebuild this layer (save with ``cnp.io.atomic_torch_save``)."""
+        return {"U": self.U.detach().cpu(), "K": self.K, "ablated": list(self.ablated), "mode": self.mode,
+                "mean_activation": self.mean_activation.detach().cpu() if self._has_mean else None,
+                "layer": self.layer_name}
+
+
+# --------------------------------------------------------------------------- model surgery
+def insert_virtual_layer(model: nn.Module, U: torch.Tensor, K: int, layer: str = "relu4_3",
+                         ablated: Sequence[int] = (), mode: str = "zero",
+                         mean_activation: torch.Tensor | None = None) -> VirtualLayer:
+    """Augment ``model`` with a virtual concept layer after ``layer`` (paper or qualified name).
+
+    Raises
+    ------
+    CNPError
+        Unknown layer, U not D x D orthonormal, K not dividing D, bad ablation set, or a layer
+        whose output does not have D channels (checked on the first forward pass).
+    """
+    qualified_name(layer)
+    vl = VirtualLayer(U, K, ablated=(), mode="zero", mean_activation=mean_activation)
+    attach_site(model, layer, vl)
+    vl.set_ablation(ablated, mode)
+    return vl
+
+
+def from_state(model: nn.Module, state: dict) -> VirtualLayer:
+    """Re-insert a virtual layer saved with :meth:`VirtualLayer.state`."""
+    return insert_virtual_layer(model, state["U"], int(state["K"]), layer=state["layer"],
+                                ablated=state["ablated"], mode=state["mode"],
+                                mean_activation=state.get("mean_activation"))
+
+
+def get_virtual_layer(model: nn.Module) -> VirtualLayer | None:
+    return getattr(model, VirtualLayer.site_attr, None)
+
+
+def remove_virtual_layer(model: nn.Module) -> nn.Module:
+    """Remove the virtual layer permanently: the original network, exactly."""
+    vl = get_virtual_layer(model)
+    if vl is not None:
+        vl.detach_from(model)
+    return model
+
+
+class bypass:
+    """Context manager (or plain call) that bypasses the virtual layer: ``with bypass(model): ...``."""
+
+    def __init__(self, model: nn.Module, active: bool = True) -> None:
+        self.vl = get_virtual_layer(model)
+        self.active = active
+        self._prev = None
+
+    def __enter__(self):
+        if self.vl is not None and self.active:
+            self._prev = self.vl.enabled
+            self.vl.enabled = False
+        return self.vl
+
+    def __exit__(self, *exc):
+        if self.vl is not None and self._prev is not None:
+            self.vl.enabled = self._prev
+        return False
