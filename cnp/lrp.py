@@ -160,7 +160,10 @@ class ContextHook(BasicHook):
         gradients = torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs,
                                         create_graph=grad_output[0].requires_grad, allow_unused=True)
         gradients = [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, gradients)]
-        s = torch.where(original_input >= 0, torch.ones_like(original_input), -torch.ones_like(original_input))
+        # zero (and float noise around it, e.g. a' = P a where a = 0) counts as positive
+        scale = original_input.detach().flatten(1).abs().amax(1).clamp(min=1e-30)
+        tiny = (1e-6 * scale).view(-1, *([1] * (original_input.ndim - 1)))
+        s = torch.where(original_input >= -tiny, torch.ones_like(original_input), -torch.ones_like(original_input))
         indicators = [in_mod(s) / s for in_mod in self.input_modifiers]
         context = self.reducer(indicators, gradients)
         return tuple(context if orig.shape == context.shape else None for orig in grad_input)
@@ -205,7 +208,7 @@ class ContextSite(nn.Module):
         super().__init__()
         self.enabled = True
         self.keep_tensors = False
-        self._host: nn.Module | None = None
+        object.__setattr__(self, "_host", None)
         self._handle = None
         self.layer_name: str | None = None
         self.clear()
@@ -251,7 +254,7 @@ class ContextSite(nn.Module):
             self._handle = None
         if getattr(model, self.site_attr, None) is self:
             delattr(model, self.site_attr)
-        self._host = None
+        object.__setattr__(self, "_host", None)
 
 
 def attach_site(model: nn.Module, layer: str, site: ContextSite) -> ContextSite:
@@ -266,7 +269,7 @@ def attach_site(model: nn.Module, layer: str, site: ContextSite) -> ContextSite:
     if existing is not None:
         raise CNPError(f"the model already has a {site.site_attr}; remove it first")
     model.add_module(site.site_attr, site)
-    site._host = host
+    object.__setattr__(site, "_host", host)  # a plain reference, not a submodule
     site.layer_name = qualified_name(layer)
     site._handle = host.register_forward_hook(site._forward_hook)
     param = next(model.parameters(), None)
@@ -348,7 +351,11 @@ class LRP:
         if isinstance(module, ContextSite):
             return module.lrp_hook()
         if name in self._overrides:
-            return make_rule(self._overrides[name], cfg, device)
+            spec = self._overrides[name]
+            if _parse_spec(spec)[0] == "pass" and isinstance(module, nn.Conv2d | nn.Linear):
+                raise CNPError(f"rule {spec!r} cannot be used on {name} ({type(module).__name__}): it changes "
+                               "the number of channels; use alpha1beta0, epsilon, gamma, zbox or flat")
+            return make_rule(spec, cfg, device)
         if isinstance(module, nn.Conv2d | nn.Linear) and module is first and cfg.first_layer != "same":
             return make_rule(cfg.first_layer, cfg, device)
         if isinstance(module, nn.Conv2d):
@@ -391,6 +398,9 @@ class LRP:
         for i, m in enumerate(order):
             if isinstance(m, ContextSite):
                 for m2 in order[i + 1:]:
+                    if isinstance(m2, ContextSite):
+                        raise CNPError("two concept sites follow each other (e.g. contexts() on a model whose "
+                                       "virtual layer is enabled at that layer): bypass or remove it first")
                     if isinstance(rules.get(m2), BasicHook):
                         context_modules.add(m2)
                         break
@@ -426,13 +436,13 @@ class LRP:
 
         sites = find_sites(model)
         with composite.context(model):
-            for s in sites:
-                s.clear()
-                s.reattach()
             for n, m in model.named_modules():
                 is_conv = filters and isinstance(m, nn.Conv2d)
                 if is_conv or n in layer_mods:
                     handles.append(m.register_forward_hook(grad_hook_factory(n, is_conv)))
+            for s in sites:  # after zennit's and the layer hooks: the site sees the layer's own output
+                s.clear()
+                s.reattach()
             try:
                 xin = x.detach().clone().requires_grad_(True)
                 with torch.enable_grad():

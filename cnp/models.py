@@ -301,10 +301,8 @@ def load_torchvision_vgg16(
         elif allow_download:
             from torchvision.models import VGG16_Weights
 
-            state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
-            model = full_vgg16(1000)
-            model.load_state_dict(state)
-            return model
+            VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True)  # downloads into the hub cache
+            weights_path = hub
         else:
             raise CNPError(
                 "VGG-16 ImageNet weights are needed but no file was given and none is cached at "
@@ -314,7 +312,11 @@ def load_torchvision_vgg16(
             )
     weights_path = Path(weights_path)
     if not weights_path.is_file():
-        raise CNPError(f"weights file {weights_path} does not exist; pass the path of vgg16-397923af.pth")
+        raise CNPError(
+            f"weights file {weights_path} does not exist. Download "
+            "https://download.pytorch.org/models/vgg16-397923af.pth on a machine with internet and "
+            "pass its path as weights_path."
+        )
     if expected_sha256 is not None:
         digest = sha256_file(weights_path)
         if digest != expected_sha256:

@@ -23,6 +23,7 @@ from cnp.data.synthetic import CorpusConfig, cache_dir, make_corpus_split
 from cnp.io import CNPError, recipe_hash, tensor_hash
 from cnp.models import (
     BLOCK_SIZES,
+    CONV_NAMES,
     VGG,
     block_widths_to_conv_widths,
     fold_batchnorm,
@@ -32,7 +33,7 @@ from cnp.models import (
 )
 from cnp.runtime import progress, seed_everything
 
-PRETRAIN_VERSION = 1
+PRETRAIN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,14 @@ class BackboneConfig:
         Weight of the auxiliary watermark BCE loss.
     batchnorm : bool
         Use BatchNorm while pretraining (folded afterwards).
+    wm_head : str
+        ``dense`` (default): a 1x1-conv head on ``wm_head_layer`` predicts, at every position,
+        whether a watermark covers it (the images' watermark masks are the targets), so the
+        layer carries a localised watermark feature, as an ImageNet backbone's conv4_3 carries
+        text/watermark detectors among its many concepts. ``global``: one watermark logit from
+        the pooled last conv features.
+    wm_head_layer : str
+        The activation the dense head reads (``relu4_3``, the DRSA layer).
     seed : int
         Initialisation and shuffling seed.
     corpus : CorpusConfig
@@ -70,6 +79,8 @@ class BackboneConfig:
     wm_loss_weight: float = 1.0
     batchnorm: bool = True
     dropout: float = 0.3
+    wm_head: str = "dense"
+    wm_head_layer: str = "relu4_3"
     seed: int = 0
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
@@ -125,16 +136,40 @@ class _PretrainNet(nn.Module):
             nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
             nn.Linear(cfg.hidden, n_cls),
         )
-        # the watermark head reads the pooled conv features (not fc7), so the convolutional
-        # layers, conv4_3 included, must carry a watermark detector of their own
-        self.wm_head = nn.Sequential(nn.Linear(c_in * cfg.pool_size ** 2, cfg.hidden), nn.ReLU(),
-                                     nn.Linear(cfg.hidden, 1))
+        if cfg.wm_head == "dense":
+            name = cfg.wm_head_layer
+            if not (name.startswith("relu") and "conv" + name[4:] in CONV_NAMES):
+                raise CNPError(f"wm_head_layer must be a ReLU output such as 'relu4_3', got {name!r}")
+            self._tap = CONV_NAMES.index("conv" + name[4:])  # index among the ReLUs
+            self.wm_head = nn.Conv2d(widths[self._tap], 1, kernel_size=1)
+        elif cfg.wm_head == "global":
+            self._tap = None
+            self.wm_head = nn.Sequential(nn.Linear(c_in * cfg.pool_size ** 2, cfg.hidden), nn.ReLU(),
+                                         nn.Linear(cfg.hidden, 1))
+        else:
+            raise CNPError(f"wm_head must be 'dense' or 'global', got {cfg.wm_head!r}")
         self.cfg = cfg
         init_vgg_weights(self)
 
     def forward(self, x):
-        h = torch.flatten(self.avgpool(self.features(x)), 1)
+        tap, n_relu = None, 0
+        for m in self.features:
+            x = m(x)
+            if isinstance(m, nn.ReLU):
+                if n_relu == self._tap:
+                    tap = x
+                n_relu += 1
+        h = torch.flatten(self.avgpool(x), 1)
+        if self._tap is not None:
+            return self.classifier(h), self.wm_head(tap).squeeze(1)
         return self.classifier(h), self.wm_head(h).squeeze(1)
+
+    def wm_targets(self, masks: torch.Tensor, wm: torch.Tensor, out_shape) -> torch.Tensor:
+        """Watermark targets: per-position coverage > 10 % (dense) or the image flag (global)."""
+        if self._tap is None:
+            return wm.float()
+        cover = nn.functional.adaptive_avg_pool2d(masks[:, None].float(), out_shape[-2:])[:, 0]
+        return (cover > 0.1).float()
 
     def to_vgg(self) -> VGG:
         """Fold BatchNorm and return the plain VGG (the watermark head is dropped)."""
@@ -190,8 +225,8 @@ def train_backbone(cfg: BackboneConfig, verbose: bool = True) -> tuple[VGG, Back
     """Pretrain a backbone from its recipe (no caching; see :func:`load_backbone`)."""
     t0 = time.perf_counter()
     g = seed_everything(cfg.seed)
-    x_tr, y_tr, w_tr = make_corpus_split(cfg.corpus, "train")
-    x_va, y_va, w_va = make_corpus_split(cfg.corpus, "val")
+    x_tr, y_tr, w_tr, m_tr = make_corpus_split(cfg.corpus, "train")
+    x_va, y_va, w_va, m_va = make_corpus_split(cfg.corpus, "val")
     net = _PretrainNet(cfg)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = (len(y_tr) + cfg.batch_size - 1) // cfg.batch_size
@@ -204,10 +239,12 @@ def train_backbone(cfg: BackboneConfig, verbose: bool = True) -> tuple[VGG, Back
         for start in range(0, len(perm), cfg.batch_size):
             idx = perm[start:start + cfg.batch_size]
             x = normalize_images(x_tr[idx])
+            masks = m_tr[idx]
             if torch.rand(1, generator=g).item() < 0.5:  # horizontal flip augmentation (per batch)
-                x = x.flip(3)
+                x, masks = x.flip(3), masks.flip(2)
             logits, wm_logit = net(x)
-            loss = ce(logits, y_tr[idx]) + cfg.wm_loss_weight * bce(wm_logit, w_tr[idx].float())
+            target = net.wm_targets(masks, w_tr[idx], wm_logit.shape)
+            loss = ce(logits, y_tr[idx]) + cfg.wm_loss_weight * bce(wm_logit, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -220,7 +257,9 @@ def train_backbone(cfg: BackboneConfig, verbose: bool = True) -> tuple[VGG, Back
             logits.append(a)
             wm_logit.append(b)
         obj_acc = (torch.cat(logits).argmax(1) == y_va).float().mean().item()
-        wm_acc = ((torch.cat(wm_logit) > 0) == w_va).float().mean().item()
+        wm_out = torch.cat(wm_logit)
+        wm_pred = wm_out.flatten(1).amax(1) > 0 if wm_out.ndim > 1 else wm_out > 0
+        wm_acc = (wm_pred == w_va).float().mean().item()
     vgg = net.to_vgg()
     rank = activation_rank(vgg, x_va)
     report = BackboneReport(obj_acc, wm_acc, rank, vgg.conv_widths[9], time.perf_counter() - t0)

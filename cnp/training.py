@@ -32,6 +32,7 @@ def train_epoch(
     desc: str = "epoch",
     amp: bool = False,
     class_weights: torch.Tensor | None = None,
+    verbose: bool = True,
 ) -> float:
     """One epoch of cross-entropy training on ``split`` (shuffled by ``generator``); mean loss."""
     model.train()
@@ -40,7 +41,7 @@ def train_epoch(
     total, count = 0.0, 0
     use_amp = amp and device.type == "cuda"
     for x, y in progress(split.batches(batch_size, shuffle=True, generator=generator, device=device),
-                         total=(len(split) + batch_size - 1) // batch_size, desc=desc):
+                         total=(len(split) + batch_size - 1) // batch_size, desc=desc, disable=not verbose):
         if use_amp:
             x = x.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)

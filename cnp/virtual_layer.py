@@ -214,9 +214,8 @@ def insert_virtual_layer(model: nn.Module, U: torch.Tensor, K: int, layer: str =
         whose output does not have D channels (checked on the first forward pass).
     """
     qualified_name(layer)
-    vl = VirtualLayer(U, K, ablated=(), mode="zero", mean_activation=mean_activation)
+    vl = VirtualLayer(U, K, ablated=ablated, mode=mode, mean_activation=mean_activation)
     attach_site(model, layer, vl)
-    vl.set_ablation(ablated, mode)
     return vl
 
 

@@ -103,11 +103,19 @@ class Split:
         return {g: int(self.subgroup_index(g).numel()) for g in SUBGROUPS}
 
     def subset(self, index: torch.Tensor | list[int], name: str | None = None) -> Split:
+        """The images at ``index``; per-image lists in ``meta`` (length n) are sliced too."""
         idx = torch.as_tensor(index, dtype=torch.long)
+        n = len(self)
+        meta = {}
+        for k, v in self.meta.items():
+            if isinstance(v, list | tuple) and len(v) == n:
+                meta[k] = [v[i] for i in idx.tolist()]
+            else:
+                meta[k] = v
         return Split(
             images=self.images[idx], labels=self.labels[idx], wm=self.wm[idx], masks=self.masks[idx],
             name=name or self.name, extra_masks={k: v[idx] for k, v in self.extra_masks.items()},
-            meta=dict(self.meta),
+            meta=meta,
         )
 
     def positives(self) -> Split:

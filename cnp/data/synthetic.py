@@ -114,25 +114,35 @@ def _check_rate(name: str, value: float) -> None:
         raise CNPError(f"{name} must be a rate in [0, 1], got {value!r}")
 
 
-def make_corpus_split(cfg: CorpusConfig, part: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Generate one part (``train`` or ``val``) of the corpus: uint8 images, class ids, wm flags."""
+def make_corpus_split(cfg: CorpusConfig, part: str):
+    """Generate one part (``train`` or ``val``) of the corpus.
+
+    Returns
+    -------
+    images : uint8 (n, 3, S, S)
+    labels : int64 (n,) object class ids
+    wm : bool (n,) watermark present
+    masks : bool (n, S, S) watermark pixels
+    """
     n_per = cfg.n_per_class if part == "train" else cfg.n_val_per_class
-    images, labels, wms = [], [], []
+    images, labels, wms, masks = [], [], [], []
     for ci, name in enumerate(cfg.classes):
         g = _gen("corpus", cfg.seed, part, name, DATA_VERSION)
         bg = render_backgrounds(n_per, cfg.image_size, g)
         layer = render_objects(name, n_per, cfg.image_size, g, hardness=float(torch.rand(1, generator=g)) * 0.5)
         img = compose(bg, layer)
         wm = torch.rand(n_per, generator=g) < cfg.wm_rate
+        mask = torch.zeros(n_per, cfg.image_size, cfg.image_size, dtype=torch.bool)
         if wm.any():
             idx = torch.nonzero(wm).flatten()
-            img[idx], _ = apply_style_distribution(img[idx], cfg.wm_styles, g, group=4)
+            img[idx], mask[idx] = apply_style_distribution(img[idx], cfg.wm_styles, g, group=4)
         images.append(_to_uint8(img))
         labels.append(torch.full((n_per,), ci, dtype=torch.long))
         wms.append(wm)
-    x, y, w = torch.cat(images), torch.cat(labels), torch.cat(wms)
+        masks.append(mask)
+    x, y, w, m = torch.cat(images), torch.cat(labels), torch.cat(wms), torch.cat(masks)
     perm = torch.randperm(len(y), generator=_gen("corpus-perm", cfg.seed, part))
-    return x[perm], y[perm], w[perm]
+    return x[perm], y[perm], w[perm], m[perm]
 
 
 # ============================================================================ pairs
@@ -177,12 +187,16 @@ class PairConfig:
     style: WatermarkStyle = field(default_factory=WatermarkStyle)
     hardness: float | None = None
     object_scale: tuple[float, float] = (0.45, 0.75)
+    faint_rate: float = 0.0
+    faint_opacity: float = 0.3
 
     def __post_init__(self) -> None:
         if self.pair not in PAIRS:
             raise CNPError(f"unknown pair {self.pair!r}; known pairs: {', '.join(PAIRS)}")
         _check_rate("wm_rate_pos", self.wm_rate_pos)
         _check_rate("wm_rate_neg", self.wm_rate_neg)
+        _check_rate("faint_rate", self.faint_rate)
+        _check_rate("faint_opacity", self.faint_opacity)
         for f in ("n_train_per_class", "n_drsa", "n_rank", "n_val_per_subgroup", "n_test_per_subgroup"):
             v = getattr(self, f)
             if not isinstance(v, int) or v < 1:
@@ -226,6 +240,9 @@ def _render_pair_images(cfg: PairConfig, cls_name: str, wm_flags: torch.Tensor, 
     bg = render_backgrounds(n, cfg.image_size, g)
     layer = render_objects(cls_name, n, cfg.image_size, g, hardness=cfg.effective_hardness,
                            scale=cfg.object_scale)
+    if cfg.faint_rate > 0:  # weak class signal: some objects are barely visible
+        faint = torch.rand(n, generator=g) < cfg.faint_rate
+        layer.alpha = torch.where(faint[:, None, None], layer.alpha * cfg.faint_opacity, layer.alpha)
     img = compose(bg, layer)
     masks = torch.zeros(n, cfg.image_size, cfg.image_size, dtype=torch.bool)
     idx = torch.nonzero(wm_flags).flatten()

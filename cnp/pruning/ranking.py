@@ -15,9 +15,9 @@ with the ablated subspaces removed; vanilla LRP pruning ranks the same way witho
 
 Selection
 ---------
-Scores are normalised per layer by their sum (relevance is conserved per layer, so raw scores
-shrink as 1 / width and a raw global ranking would over-prune wide layers), then ranked
-globally; the lowest-scoring filters of the prunable (non-protected) convs are removed, never
+Scores are normalised per layer by their mean (relevance is conserved per layer, so every
+layer's scores sum to the same total and raw scores shrink as 1 / width; a raw - or merely
+sum-normalised - global ranking would over-prune wide layers), then ranked globally; the lowest-scoring filters of the prunable (non-protected) convs are removed, never
 leaving a layer without filters. Baselines behind the same interface: ``l1`` (L1 norm of the
 filter weights, normalised the same way) and ``random``.
 """
@@ -75,13 +75,31 @@ def random_filter_scores(model: VGG, generator: torch.Generator) -> list[torch.T
     return [torch.rand(c.out_channels, generator=generator, dtype=torch.float64) for c in model.convs]
 
 
-def normalise_per_layer(scores: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``v / sum(v)`` per layer (``|v|`` for signed scores); an all-zero layer stays zero."""
+NORMALISATIONS = ("mean", "sum", "none")
+
+
+def normalise_per_layer(scores: list[torch.Tensor], how: str = "mean") -> list[torch.Tensor]:
+    """Per-layer normalisation of filter scores before the global ranking.
+
+    ``mean`` (default): ``v / mean(v)`` = ``v * width / sum(v)``, each filter relative to its
+    layer's average. LRP relevance is conserved, so every layer's scores sum to (about) the same
+    total and a single filter's score shrinks as 1 / width: dividing by the layer *sum* alone
+    (``sum``) is then a uniform rescaling that changes nothing, and the global ranking would
+    over-prune wide layers; the width factor removes that bias. ``none``: raw scores.
+    Signed scores are ranked by magnitude; an all-zero layer stays zero.
+    """
+    if how not in NORMALISATIONS:
+        raise CNPError(f"normalisation must be one of {NORMALISATIONS}, got {how!r}")
     out = []
     for v in scores:
         v = v.abs() if (v < 0).any() else v
         s = v.sum()
-        out.append(v / s if s > 0 else v.clone())
+        if how == "none" or s <= 0:
+            out.append(v.clone())
+        elif how == "sum":
+            out.append(v / s)
+        else:
+            out.append(v * (v.numel() / s))
     return out
 
 
@@ -91,8 +109,12 @@ def protected_indices(model: VGG, protect: tuple[str, ...] | list[str]) -> set[i
 
 
 def select_filters(scores: list[torch.Tensor], n_remove: int, protected: set[int],
-                   min_keep: int = 1, normalise: bool = True) -> dict[int, torch.Tensor]:
+                   min_keep: int = 1, normalise: bool = True,
+                   normalisation: str = "mean") -> dict[int, torch.Tensor]:
     """The ``n_remove`` globally lowest-scoring filters of unprotected convs.
+
+    Scores are normalised per layer first (``normalisation``, see :func:`normalise_per_layer`)
+    unless ``normalise`` is False.
 
     Ties are broken by (layer, filter) order, so the selection is deterministic. No layer keeps
     fewer than ``min_keep`` filters.
@@ -103,7 +125,7 @@ def select_filters(scores: list[torch.Tensor], n_remove: int, protected: set[int
     """
     if n_remove < 0:
         raise CNPError(f"cannot remove a negative number of filters ({n_remove})")
-    vals = normalise_per_layer(scores) if normalise else scores
+    vals = normalise_per_layer(scores, normalisation) if normalise else scores
     layer_ids, filt_ids, flat = [], [], []
     for li, v in enumerate(vals):
         if li in protected:

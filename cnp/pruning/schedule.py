@@ -36,6 +36,7 @@ from cnp.lrp import LRPConfig
 from cnp.models import VGG, count_macs, count_params, get_layer, vgg_from_arch
 from cnp.pruning.ranking import (
     AGGREGATIONS,
+    NORMALISATIONS,
     filter_scores,
     protected_indices,
     select_filters,
@@ -72,6 +73,9 @@ class PruneConfig:
         ``pos`` (positive images of the ranking set, the paper) or ``pos+neg``.
     aggregation : str
         How LRP relevance is aggregated per filter (see :mod:`cnp.pruning.ranking`).
+    normalisation : str
+        Per-layer normalisation before the global ranking: ``mean`` (default), ``sum`` or
+        ``none`` (see :func:`cnp.pruning.ranking.normalise_per_layer`).
     protect : tuple of str
         Convs never pruned (the DRSA layer).
     freeze : tuple of str
@@ -105,6 +109,7 @@ class PruneConfig:
     optimizer: str = "sgd"
     ranking_data: str = "pos"
     aggregation: str = "abs"
+    normalisation: str = "mean"
     protect: tuple[str, ...] = ("conv4_3",)
     freeze: tuple[str, ...] = ()
     finetune_with_virtual_layer: bool = False
@@ -116,6 +121,14 @@ class PruneConfig:
     lrp: LRPConfig = field(default_factory=LRPConfig)
 
     def __post_init__(self) -> None:
+        for name in ("protect", "freeze"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                object.__setattr__(self, name, (v,))
+            else:
+                object.__setattr__(self, name, tuple(v))
+        if self.normalisation not in NORMALISATIONS:
+            raise CNPError(f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}")
         if not (0.0 < float(self.target) < 1.0):
             raise CNPError(f"target pruning rate must be in (0, 1), got {self.target}")
         if not (0.0 < float(self.step) <= float(self.target)):
@@ -198,7 +211,7 @@ def _finetune(model: VGG, data: PairData, cfg: PruneConfig, epochs: int, seed_pa
     try:
         for e in range(epochs):
             train_epoch(model, data["train"], opt, g, cfg.batch_size, device, desc=f"fine-tune {e + 1}/{epochs}",
-                        amp=cfg.amp)
+                        amp=cfg.amp, verbose=verbose)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -281,6 +294,8 @@ def run_pruning(
     protect = protected_indices(model, cfg.protect)
     for name in cfg.freeze:
         get_layer(model, name)
+    if method == "cnp":
+        _check_site_protected(model, concept_state["layer"], protect)
     n_prunable = sum(w for i, w in enumerate(model.conv_widths) if i not in protect)
     key = recipe_hash({
         "method": method, "cfg": cfg.recipe(), "seed": seed,
@@ -334,7 +349,8 @@ def run_pruning(
         )
         tick("rank", t0)
         t0 = time.perf_counter()
-        chosen = select_filters(scores, n_remove, protect, normalise=criterion != "random")
+        chosen = select_filters(scores, n_remove, protect, normalise=criterion != "random",
+                                normalisation=cfg.normalisation)
         remove_filters(model, chosen)
         removed_total = goal
         tick("remove", t0)
@@ -364,6 +380,23 @@ def run_pruning(
     tick("evaluate", t0)
     _save(ckpt, key, model, None, curve, timings, cfg.n_steps + 1, done=True)
     return PruneResult(model, curve, timings, method)
+
+
+def _check_site_protected(model: VGG, layer: str, protect: set[int]) -> None:
+    """The conv feeding the virtual layer (e.g. conv4_3 for relu4_3) must never be pruned."""
+    host = get_layer(model, layer)
+    feeding = None
+    for m in model.features:
+        if isinstance(m, torch.nn.Conv2d):
+            feeding = m
+        if m is host:
+            break
+    if feeding is None:
+        return
+    idx = next(i for i, c in enumerate(model.convs) if c is feeding)
+    if idx not in protect:
+        raise CNPError(f"the conv feeding the virtual layer at {layer} (conv index {idx}) must be in protect "
+                       f"(e.g. protect=('conv4_3',)); pruning it would change the subspaces' dimension")
 
 
 def _save(path: Path | None, key: str, model: VGG, vl: VirtualLayer | None, curve, timings, step: int,
