@@ -33,7 +33,8 @@ from cnp.models import (
 )
 from cnp.runtime import progress, seed_everything
 
-PRETRAIN_VERSION = 2
+PRETRAIN_VERSION = 3
+WM_HEADS = ("dense", "global", "both")
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,12 @@ class BackboneConfig:
     batchnorm : bool
         Use BatchNorm while pretraining (folded afterwards).
     wm_head : str
-        ``dense`` (default): a 1x1-conv head on ``wm_head_layer`` predicts, at every position,
-        whether a watermark covers it (the images' watermark masks are the targets), so the
-        layer carries a localised watermark feature, as an ImageNet backbone's conv4_3 carries
+        ``dense``: a 1x1-conv head on ``wm_head_layer`` predicts, at every position, whether a
+        watermark covers it (the images' watermark masks are the targets), so that layer
+        carries a localised watermark feature, as an ImageNet backbone's conv4_3 carries
         text/watermark detectors among its many concepts. ``global``: one watermark logit from
-        the pooled last conv features.
+        the pooled last conv features (the watermark reaches the classifier's input).
+        ``both`` (default): the two heads together.
     wm_head_layer : str
         The activation the dense head reads (``relu4_3``, the DRSA layer).
     seed : int
@@ -79,7 +81,7 @@ class BackboneConfig:
     wm_loss_weight: float = 1.0
     batchnorm: bool = True
     dropout: float = 0.3
-    wm_head: str = "dense"
+    wm_head: str = "both"
     wm_head_layer: str = "relu4_3"
     seed: int = 0
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -136,22 +138,23 @@ class _PretrainNet(nn.Module):
             nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
             nn.Linear(cfg.hidden, n_cls),
         )
-        if cfg.wm_head == "dense":
+        if cfg.wm_head not in WM_HEADS:
+            raise CNPError(f"wm_head must be one of {WM_HEADS}, got {cfg.wm_head!r}")
+        self._tap = None
+        if cfg.wm_head in ("dense", "both"):
             name = cfg.wm_head_layer
             if not (name.startswith("relu") and "conv" + name[4:] in CONV_NAMES):
                 raise CNPError(f"wm_head_layer must be a ReLU output such as 'relu4_3', got {name!r}")
             self._tap = CONV_NAMES.index("conv" + name[4:])  # index among the ReLUs
-            self.wm_head = nn.Conv2d(widths[self._tap], 1, kernel_size=1)
-        elif cfg.wm_head == "global":
-            self._tap = None
-            self.wm_head = nn.Sequential(nn.Linear(c_in * cfg.pool_size ** 2, cfg.hidden), nn.ReLU(),
-                                         nn.Linear(cfg.hidden, 1))
-        else:
-            raise CNPError(f"wm_head must be 'dense' or 'global', got {cfg.wm_head!r}")
+            self.wm_dense = nn.Conv2d(widths[self._tap], 1, kernel_size=1)
+        if cfg.wm_head in ("global", "both"):
+            self.wm_global = nn.Sequential(nn.Linear(c_in * cfg.pool_size ** 2, cfg.hidden), nn.ReLU(),
+                                           nn.Linear(cfg.hidden, 1))
         self.cfg = cfg
         init_vgg_weights(self)
 
     def forward(self, x):
+        """Class logits and a dict of watermark logits (``dense``: (n, h, w); ``global``: (n,))."""
         tap, n_relu = None, 0
         for m in self.features:
             x = m(x)
@@ -160,16 +163,31 @@ class _PretrainNet(nn.Module):
                     tap = x
                 n_relu += 1
         h = torch.flatten(self.avgpool(x), 1)
-        if self._tap is not None:
-            return self.classifier(h), self.wm_head(tap).squeeze(1)
-        return self.classifier(h), self.wm_head(h).squeeze(1)
+        wm = {}
+        if tap is not None:
+            wm["dense"] = self.wm_dense(tap).squeeze(1)
+        if hasattr(self, "wm_global"):
+            wm["global"] = self.wm_global(h).squeeze(1)
+        return self.classifier(h), wm
 
-    def wm_targets(self, masks: torch.Tensor, wm: torch.Tensor, out_shape) -> torch.Tensor:
-        """Watermark targets: per-position coverage > 10 % (dense) or the image flag (global)."""
-        if self._tap is None:
-            return wm.float()
-        cover = nn.functional.adaptive_avg_pool2d(masks[:, None].float(), out_shape[-2:])[:, 0]
-        return (cover > 0.1).float()
+    @staticmethod
+    def wm_loss(wm_logits: dict, masks: torch.Tensor, wm: torch.Tensor) -> torch.Tensor:
+        """BCE of each watermark head: per-position coverage > 10 % (dense), the image flag (global)."""
+        loss = torch.zeros(())
+        bce = nn.functional.binary_cross_entropy_with_logits
+        if "dense" in wm_logits:
+            out = wm_logits["dense"]
+            cover = nn.functional.adaptive_avg_pool2d(masks[:, None].float(), out.shape[-2:])[:, 0]
+            loss = loss + bce(out, (cover > 0.1).float())
+        if "global" in wm_logits:
+            loss = loss + bce(wm_logits["global"], wm.float())
+        return loss
+
+    @staticmethod
+    def wm_predict(wm_logits: dict) -> torch.Tensor:
+        if "global" in wm_logits:
+            return wm_logits["global"] > 0
+        return wm_logits["dense"].flatten(1).amax(1) > 0
 
     def to_vgg(self) -> VGG:
         """Fold BatchNorm and return the plain VGG (the watermark head is dropped)."""
@@ -232,7 +250,7 @@ def train_backbone(cfg: BackboneConfig, verbose: bool = True) -> tuple[VGG, Back
     steps_per_epoch = (len(y_tr) + cfg.batch_size - 1) // cfg.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                 pct_start=0.15)
-    ce, bce = nn.CrossEntropyLoss(), nn.BCEWithLogitsLoss()
+    ce = nn.CrossEntropyLoss()
     for _epoch in progress(range(cfg.epochs), desc="pretrain backbone", disable=not verbose):
         net.train()
         perm = torch.randperm(len(y_tr), generator=g)
@@ -242,24 +260,21 @@ def train_backbone(cfg: BackboneConfig, verbose: bool = True) -> tuple[VGG, Back
             masks = m_tr[idx]
             if torch.rand(1, generator=g).item() < 0.5:  # horizontal flip augmentation (per batch)
                 x, masks = x.flip(3), masks.flip(2)
-            logits, wm_logit = net(x)
-            target = net.wm_targets(masks, w_tr[idx], wm_logit.shape)
-            loss = ce(logits, y_tr[idx]) + cfg.wm_loss_weight * bce(wm_logit, target)
+            logits, wm_logits = net(x)
+            loss = ce(logits, y_tr[idx]) + cfg.wm_loss_weight * net.wm_loss(wm_logits, masks, w_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
     net.eval()
     with torch.no_grad():
-        logits, wm_logit = [], []
+        logits, wm_pred = [], []
         for start in range(0, len(y_va), 256):
             a, b = net(normalize_images(x_va[start:start + 256]))
             logits.append(a)
-            wm_logit.append(b)
+            wm_pred.append(net.wm_predict(b))
         obj_acc = (torch.cat(logits).argmax(1) == y_va).float().mean().item()
-        wm_out = torch.cat(wm_logit)
-        wm_pred = wm_out.flatten(1).amax(1) > 0 if wm_out.ndim > 1 else wm_out > 0
-        wm_acc = (wm_pred == w_va).float().mean().item()
+        wm_acc = (torch.cat(wm_pred) == w_va).float().mean().item()
     vgg = net.to_vgg()
     rank = activation_rank(vgg, x_va)
     report = BackboneReport(obj_acc, wm_acc, rank, vgg.conv_widths[9], time.perf_counter() - t0)

@@ -1,0 +1,630 @@
+"""The paper's pipeline as resumable stages over one run directory (what the notebooks call).
+
+One run = one (pair, seed, parameters); its directory (default ``runs/<pair>/seed<k>/``) holds
+each stage's outputs and, at the end, ``metrics.json``. Stages (and notebooks):
+
+==========  ================================  =====================================
+stage       notebook                          writes
+==========  ================================  =====================================
+warmup      01_warmup                         ``warmup/model.pt``, ``warmup/summary.json``
+augment     02_augment (DRSA + virtual layer)  ``augment/concepts.pt``, ``augment/summary.json``
+ablate      03_ablate (latent analysis)       ``ablate/summary.json``, ``ablate/heatmaps.pt``
+prune       04_prune                          ``prune/prune_<method>.pt``, ``prune/summary.json``
+evaluate    05_evaluate                       ``metrics.json``
+==========  ================================  =====================================
+
+Every stage records a hash of the parameters it depends on; a stage whose outputs exist with the
+same hash is not recomputed (and :func:`cnp.pruning.run_pruning` resumes inside the schedule).
+All files are written atomically.
+
+Parameters are validated up front by :func:`make_params`: an unknown name, a wrong type, K that
+does not divide the layer's width, an unknown method or a target outside (0, 1) is reported as
+one clear line (a :class:`~cnp.io.CNPError`) before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnp.io import CNPError, atomic_torch_save, atomic_write_json, recipe_hash, safe_torch_load
+from cnp.models import load_model, paper_name, qualified_name, save_model
+from cnp.runtime import StageTimer, configure_threads, resolve_device, seed_everything
+
+DATASETS = ("synthetic", "imagenet")
+STAGES = ("warmup", "augment", "ablate", "prune", "evaluate")
+
+
+@dataclass(frozen=True)
+class Params:
+    """All parameters of one run (the notebooks' ``parameters`` cell).
+
+    Data: ``pair``, ``seed``, ``dataset`` (``synthetic`` or ``imagenet``), ``imagenet_root``,
+    ``weights_path``, ``label_csv``, split sizes, and for the synthetic data the watermark style
+    (``wm_text``, ``wm_size``, ``wm_opacity``, ``wm_color``, ``wm_placement``), the bias rates
+    (``wm_rate_pos``, ``wm_rate_neg``) and the class-signal knobs (``faint_rate``,
+    ``faint_opacity``). Stages: see the field names; defaults are the paper's (Appendix A)
+    except where the embedded benchmark needs smaller sizes (stated in the README).
+    """
+
+    # run
+    pair: str = "carton-dugong"
+    seed: int = 0
+    dataset: str = "synthetic"
+    run_dir: str = ""
+    device: str = "auto"
+    threads: int = 0
+    smoke: bool = False
+    # data (both paths)
+    imagenet_root: str = ""
+    weights_path: str = ""
+    label_csv: str = ""
+    image_size: int = 0  # 0: 48 synthetic, 224 imagenet
+    n_train_per_class: int = 650
+    n_drsa: int = 500
+    n_rank: int = 500
+    n_val_per_subgroup: int = 150
+    n_test_per_subgroup: int = 500
+    # synthetic data: watermark style, bias, class signal
+    wm_text: str = "stock"
+    wm_size: float = 0.22
+    wm_opacity: float = 0.55
+    wm_color: str = "white"
+    wm_placement: str = "fixed"
+    wm_rate_pos: float = 0.9
+    wm_rate_neg: float = 0.05
+    faint_rate: float = 0.15
+    faint_opacity: float = 0.3
+    backbone_epochs: int = 8
+    backbone_images_per_class: int = 700
+    # warm-up
+    warmup_epochs: int = 15
+    warmup_lr: float = 0.01
+    warmup_head: str = "classifier"
+    # augment (DRSA)
+    layer: str = "conv4_3"
+    K: int = 4
+    d_k: int = 0  # 0: D / K
+    lrp_variant: str = "alpha1beta0"
+    drsa_steps: int = 500
+    drsa_restarts: int = 3
+    n_positions: int = 20
+    subspace_method: str = "drsa"
+    # ablate
+    ablate: str = "auto"  # "auto" (latent analysis) or indices like "3" / "1,3"
+    ap_threshold: float = 0.85
+    max_ablate: int = 1
+    ablation_mode: str = "zero"
+    # prune
+    methods: tuple[str, ...] = ("cnp", "vanilla")
+    step: float = 0.05
+    target: float = 0.8
+    epochs_per_step: int = 2
+    final_epochs: int = 2
+    ft_lr: float = 1e-3
+    ft_batch_size: int = 64
+    ranking_data: str = "pos"
+    aggregation: str = "abs"
+    normalisation: str = "mean"
+    finetune_with_virtual_layer: bool = False
+    recompute_drsa: bool = False
+    wm_share_images: int = 200
+    heatmap_images: int = 6
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def drsa_layer(self) -> str:
+        """The activation the virtual layer sits on (``conv4_3`` -> ``relu4_3``)."""
+        name = paper_name(self.layer)
+        return "relu" + name[4:] if name.startswith("conv") else name
+
+    @property
+    def protect_layer(self) -> str:
+        name = paper_name(self.drsa_layer)
+        return "conv" + name[4:]
+
+    @property
+    def run_path(self) -> Path:
+        if self.run_dir:
+            return Path(self.run_dir)
+        return Path("runs") / self.pair / f"seed{self.seed}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["methods"] = list(self.methods)
+        return d
+
+
+#: Overrides applied by ``smoke=True`` (CI): tiny sizes, few steps; explicit values win.
+SMOKE = {
+    "n_train_per_class": 60, "n_drsa": 40, "n_rank": 30, "n_val_per_subgroup": 10,
+    "n_test_per_subgroup": 15, "backbone_epochs": 2, "backbone_images_per_class": 80, "warmup_epochs": 2, "drsa_steps": 20,
+    "drsa_restarts": 1, "n_positions": 5, "step": 0.4, "target": 0.8, "epochs_per_step": 1,
+    "final_epochs": 1, "wm_share_images": 10, "heatmap_images": 2,
+}
+
+METHODS = ("cnp", "vanilla", "l1", "random")
+
+
+def _coerce(name: str, value: Any, typ) -> Any:
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if isinstance(value, bool | int):
+                return bool(value)
+            raise ValueError(value)
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if typ is str:
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                raise ValueError(value)
+            if isinstance(value, list | tuple):
+                raise ValueError(value)
+            return str(value)
+        if origin is tuple:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return tuple(str(v) for v in value)
+    except (TypeError, ValueError):
+        raise CNPError(f"parameter {name}={value!r} has the wrong type: expected {getattr(typ, '__name__', typ)}") from None
+    return value
+
+
+def make_params(**overrides: Any) -> Params:
+    """Validated :class:`Params` from overrides (strings from the command line are converted).
+
+    Raises
+    ------
+    CNPError
+        One line naming the first problem: unknown parameter, wrong type, bad value.
+    """
+    hints = typing.get_type_hints(Params)
+    known = {f.name for f in fields(Params)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        import difflib
+
+        hint = difflib.get_close_matches(unknown[0], known, n=1)
+        raise CNPError(f"unknown parameter {unknown[0]!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                       + f"; known parameters: {', '.join(sorted(known))}")
+    values = {k: _coerce(k, v, hints[k]) for k, v in overrides.items()}
+    smoke = values.get("smoke", False)
+    if smoke:
+        for k, v in SMOKE.items():
+            values.setdefault(k, v)
+    p = Params(**values)
+    _validate(p)
+    return p
+
+
+def _validate(p: Params) -> None:
+    from cnp.data.synthetic import PAIRS
+
+    if p.dataset not in DATASETS:
+        raise CNPError(f"dataset must be one of {DATASETS}, got {p.dataset!r}")
+    if p.pair not in PAIRS:
+        raise CNPError(f"unknown pair {p.pair!r}; known pairs: {', '.join(PAIRS)}")
+    if p.dataset == "imagenet" and not p.imagenet_root:
+        raise CNPError("dataset='imagenet' needs imagenet_root (a folder with train/<wnid>/ class folders)")
+    if p.seed < 0:
+        raise CNPError(f"seed must be >= 0, got {p.seed}")
+    bad = [m for m in p.methods if m not in METHODS]
+    if bad or not p.methods:
+        raise CNPError(f"unknown method {bad[0] if bad else '(none given)'!r}; methods are {', '.join(METHODS)}")
+    if not (0 < p.target < 1):
+        raise CNPError(f"target pruning rate must be in (0, 1), got {p.target}")
+    if not (0 < p.step <= p.target):
+        raise CNPError(f"step must be in (0, target={p.target}], got {p.step}")
+    if p.K < 1:
+        raise CNPError(f"K must be >= 1, got {p.K}")
+    qualified_name(p.layer)
+    if p.ablation_mode not in ("zero", "mean"):
+        raise CNPError(f"ablation_mode must be 'zero' or 'mean', got {p.ablation_mode!r}")
+    if p.ablate != "auto":
+        try:
+            idx = [int(v) for v in p.ablate.split(",") if v.strip()]
+        except ValueError:
+            raise CNPError(f"ablate must be 'auto' or subspace indices like '3' or '1,3', got {p.ablate!r}") from None
+        if any(not 0 <= k < p.K for k in idx):
+            raise CNPError(f"ablate={p.ablate!r}: subspace indices must be in 0..{p.K - 1}")
+        if len(set(idx)) >= p.K:
+            raise CNPError(f"ablate={p.ablate!r} ablates every subspace; keep at least one")
+    if p.lrp_variant not in ("alpha1beta0", "epsilon", "gamma"):
+        raise CNPError(f"lrp_variant must be alpha1beta0, epsilon or gamma, got {p.lrp_variant!r}")
+    for name in ("wm_rate_pos", "wm_rate_neg", "faint_rate", "faint_opacity"):
+        v = getattr(p, name)
+        if not 0 <= v <= 1:
+            raise CNPError(f"{name} must be a rate in [0, 1], got {v}")
+    if p.subspace_method not in ("drsa", "prca"):
+        raise CNPError(f"subspace_method must be 'drsa' or 'prca', got {p.subspace_method!r}")
+    if p.epochs_per_step < 0 or p.final_epochs < 0:
+        raise CNPError("epochs_per_step and final_epochs must be >= 0")
+
+
+# ============================================================================ context
+@dataclass
+class Run:
+    """A run's parameters plus lazily loaded shared objects (data, backbone)."""
+
+    params: Params
+    timer: StageTimer = field(default_factory=StageTimer)
+    _data: Any = None
+    _backbone: Any = None
+
+    @property
+    def dir(self) -> Path:
+        return self.params.run_path
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.params.device)
+
+    def data(self):
+        """The pair's splits (synthetic: generated/cached; imagenet: decoded/cached)."""
+        if self._data is None:
+            self._data = load_data(self.params)
+        return self._data
+
+    def backbone(self):
+        if self._backbone is None:
+            self._backbone = load_pretrained(self.params)
+        return self._backbone
+
+
+def open_run(params: Params | None = None, **overrides) -> Run:
+    """Start or continue a run: validate parameters, set threads and seeds, record params.json."""
+    p = params if params is not None else make_params(**overrides)
+    if p.threads:
+        configure_threads(p.threads)
+    seed_everything(p.seed)
+    run = Run(p)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run.dir / "params.json", p.to_dict())
+    return run
+
+
+def synthetic_config(p: Params):
+    from cnp.data.synthetic import PairConfig
+
+    return PairConfig.from_params(
+        pair=p.pair, seed=p.seed, image_size=p.image_size or 48, n_train_per_class=p.n_train_per_class,
+        n_drsa=p.n_drsa, n_rank=p.n_rank, n_val_per_subgroup=p.n_val_per_subgroup,
+        n_test_per_subgroup=p.n_test_per_subgroup, wm_rate_pos=p.wm_rate_pos, wm_rate_neg=p.wm_rate_neg,
+        faint_rate=p.faint_rate, faint_opacity=p.faint_opacity, wm_text=p.wm_text, wm_size=p.wm_size,
+        wm_opacity=p.wm_opacity, wm_color=p.wm_color, wm_placement=p.wm_placement,
+    )
+
+
+def load_data(p: Params):
+    """The pair's :class:`~cnp.data.splits.PairData` for ``p.dataset``."""
+    if p.dataset == "synthetic":
+        from cnp.data.synthetic import load_pair
+
+        return load_pair(synthetic_config(p))
+    from cnp.data.imagenet import build_pair
+    from cnp.data.watermark import WatermarkStyle
+
+    sizes = {"train": p.n_train_per_class, "drsa": p.n_drsa, "rank": p.n_rank,
+             "val": p.n_val_per_subgroup, "test": p.n_test_per_subgroup}
+    style = WatermarkStyle(wm_text=p.wm_text, wm_size=p.wm_size, wm_opacity=p.wm_opacity, wm_color=p.wm_color,
+                           wm_placement=p.wm_placement)
+    return build_pair(p.pair, p.imagenet_root, seed=p.seed, label_csv=p.label_csv or None, style=style,
+                      image_size=p.image_size or 224, sizes=sizes)
+
+
+def backbone_config(p: Params):
+    from cnp.data.synthetic import CorpusConfig
+    from cnp.pretrain import BackboneConfig
+
+    return BackboneConfig(epochs=p.backbone_epochs,
+                          corpus=CorpusConfig(n_per_class=p.backbone_images_per_class,
+                                              n_val_per_class=max(10, p.backbone_images_per_class // 7)))
+
+
+def load_pretrained(p: Params):
+    """The pretrained backbone: the embedded one (cached) or torchvision's VGG-16 weights."""
+    if p.dataset == "synthetic":
+        from cnp.pretrain import load_backbone
+
+        model, _report = load_backbone(backbone_config(p))
+        return model
+    from cnp.models import load_torchvision_vgg16
+
+    return load_torchvision_vgg16(p.weights_path or None)
+
+
+def _lrp_config(p: Params):
+    from cnp.lrp import LRPConfig
+
+    return LRPConfig(variant=p.lrp_variant)
+
+
+def _stage_key(p: Params, stage: str) -> str:
+    """Hash of the parameters a stage depends on (later stages include earlier ones)."""
+    d = p.to_dict()
+    for k in ("run_dir", "device", "threads", "methods", "heatmap_images"):
+        d.pop(k)
+    order = {"warmup": 0, "augment": 1, "ablate": 2, "prune": 3, "evaluate": 4}
+    groups = {
+        1: ("layer", "K", "d_k", "lrp_variant", "drsa_steps", "drsa_restarts", "n_positions", "subspace_method"),
+        2: ("ablate", "ap_threshold", "max_ablate", "ablation_mode"),
+        3: ("step", "target", "epochs_per_step", "final_epochs", "ft_lr", "ft_batch_size", "ranking_data",
+            "aggregation", "normalisation", "finetune_with_virtual_layer", "recompute_drsa", "wm_share_images"),
+    }
+    for level, keys in groups.items():
+        if order[stage] < level:
+            for k in keys:
+                d.pop(k, None)
+    return recipe_hash({"stage": stage, "params": d})
+
+
+def _done(run: Run, stage: str) -> dict | None:
+    path = run.dir / stage / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        s = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return s if s.get("key") == _stage_key(run.params, stage) else None
+
+
+def _finish(run: Run, stage: str, summary: dict) -> dict:
+    summary = {**summary, "key": _stage_key(run.params, stage)}
+    atomic_write_json(run.dir / stage / "summary.json", summary)
+    return summary
+
+
+# ============================================================================ stages
+def run_warmup(run: Run, verbose: bool = True) -> dict:
+    """Stage 0 (01_warmup): new 2-way head on the frozen backbone; accuracy per subgroup."""
+    done = _done(run, "warmup")
+    if done is not None:
+        return done
+    from cnp.evaluate import wm_relevance_share
+    from cnp.warmup import warmup
+
+    p = run.params
+    with run.timer("warmup"):
+        data = run.data()
+        res = warmup(run.backbone(), data, epochs=p.warmup_epochs, lr=p.warmup_lr, seed=p.seed,
+                     head=p.warmup_head, device=run.device, verbose=verbose)
+        save_model(res.model, run.dir / "warmup" / "model.pt")
+        share = wm_relevance_share(res.model, data["test"], _lrp_config(p), device=run.device,
+                                   max_images=p.wm_share_images)
+    return _finish(run, "warmup", {
+        "acc": res.test_acc, "val_acc": res.val_acc, "wm_relevance_share": share, "loss_history": res.history,
+        "data": {k: {"n": len(s), **s.counts()} for k, s in data.splits.items()},
+        "seconds": run.timer.times.get("warmup", 0.0),
+    })
+
+
+def warm_model(run: Run):
+    model, _ = load_model(run.dir / "warmup" / "model.pt")
+    return model.to(run.device).eval()
+
+
+def run_augment(run: Run, verbose: bool = True) -> dict:
+    """Stage 1 (02_augment): DRSA subspaces U_k at the layer; the virtual layer leaves logits unchanged."""
+    done = _done(run, "augment")
+    if done is not None:
+        return done
+    from cnp.concepts import fit_concepts
+    from cnp.virtual_layer import insert_virtual_layer, remove_virtual_layer
+
+    p = run.params
+    run_warmup(run, verbose)
+    model = warm_model(run)
+    D = _layer_width(model, p.drsa_layer)
+    if D % p.K or (p.d_k and p.K * p.d_k != D):
+        raise CNPError(f"K * d_k must equal D = {D} at {p.layer}: K={p.K}, d_k={p.d_k or 'D/K'} "
+                       f"(valid K: {[k for k in range(1, D + 1) if D % k == 0]})")
+    with run.timer("augment"):
+        fit = fit_concepts(model, run.data()["drsa"], K=p.K, layer=p.drsa_layer, steps=p.drsa_steps,
+                           restarts=p.drsa_restarts, seed=p.seed, n_positions=p.n_positions,
+                           method=p.subspace_method, lrp_config=_lrp_config(p), device=run.device,
+                           checkpoint=run.dir / "augment" / "drsa_checkpoint.pt", verbose=verbose)
+        x = run.data()["test"].images[:16]
+        from cnp.data.splits import normalize_images
+
+        xb = normalize_images(x, run.device)
+        with torch.no_grad():
+            before = model(xb)
+            insert_virtual_layer(model, fit.U.to(run.device), p.K, layer=p.drsa_layer)
+            after = model(xb)
+            remove_virtual_layer(model)
+        identity_error = float((after - before).abs().max() / before.abs().max().clamp(min=1e-12))
+        atomic_torch_save(run.dir / "augment" / "concepts.pt",
+                          {"U": fit.U.cpu(), "K": p.K, "J": fit.J, "history": fit.history, "layer": p.drsa_layer})
+    return _finish(run, "augment", {
+        "layer": p.layer, "drsa_layer": p.drsa_layer, "K": p.K, "d_k": D // p.K, "D": D, "J": fit.J,
+        "J_history": fit.history[:: max(1, len(fit.history) // 100)], "identity_error": identity_error,
+        "seconds": run.timer.times.get("augment", 0.0),
+    })
+
+
+def _layer_width(model, layer: str) -> int:
+    from cnp.models import get_layer
+
+    host = get_layer(model, layer)
+    width = None
+    for m in model.features:
+        if isinstance(m, torch.nn.Conv2d):
+            width = m.out_channels
+        if m is host:
+            return int(width)
+    raise CNPError(f"layer {layer!r} is not in the model's features")
+
+
+def augmented_model(run: Run, ablated=(), mode: str = "zero"):
+    """The warmed-up model with the virtual concept layer (from the augment stage)."""
+    from cnp.virtual_layer import insert_virtual_layer
+
+    model = warm_model(run)
+    c = safe_torch_load(run.dir / "augment" / "concepts.pt")
+    vl = insert_virtual_layer(model, c["U"].to(run.device), int(c["K"]), layer=c["layer"])
+    if mode == "mean":
+        vl.fit_mean(model, run.data()["drsa"].images)
+    vl.set_ablation(ablated, mode)
+    return model, vl
+
+
+def run_ablate(run: Run, verbose: bool = True) -> dict:
+    """Stage 2 (03_ablate): latent analysis (AP of R(k) vs watermark), shares, heatmaps, K'."""
+    done = _done(run, "ablate")
+    if done is not None:
+        return done
+    from cnp.concepts import (
+        concept_scores,
+        latent_analysis,
+        propose_ablation,
+        subspace_heatmaps,
+        subspace_mask_share,
+    )
+    from cnp.data.splits import normalize_images
+
+    p = run.params
+    run_augment(run, verbose)
+    with run.timer("ablate"):
+        data = run.data()
+        model, vl = augmented_model(run)
+        # latent analysis on positive images with and without watermark (balanced: val positives)
+        la_split = data["val"].positives()
+        if la_split.wm.all() or not la_split.wm.any():
+            la_split = data["drsa"]
+        scores = concept_scores(model, vl, la_split, lrp_config=_lrp_config(p), device=run.device)
+        try:
+            ap = latent_analysis(scores, la_split.wm)
+        except CNPError:
+            ap = [float("nan")] * p.K
+        per_share, overall_share = subspace_mask_share(model, vl, data["test"].positives(), lrp_config=_lrp_config(p),
+                                                       device=run.device, max_images=p.wm_share_images)
+        if p.ablate == "auto":
+            ablated = propose_ablation(ap, threshold=p.ap_threshold, max_ablate=p.max_ablate or None)
+        else:
+            ablated = sorted({int(v) for v in p.ablate.split(",") if v.strip()})
+        # heatmap examples for the figures (positives with a watermark first)
+        test = data["test"]
+        order = torch.cat([test.subgroup_index("c1w1"), test.subgroup_index("c1w0")])[: p.heatmap_images]
+        x = normalize_images(test.images[order], run.device)
+        maps_k, maps = subspace_heatmaps(model, vl, x, lrp_config=_lrp_config(p))
+        atomic_torch_save(run.dir / "ablate" / "heatmaps.pt", {
+            "index": order, "images": test.images[order], "masks": test.masks[order],
+            "subspaces": maps_k.cpu(), "overall": maps.cpu(),
+            "extra_masks": {k: v[order] for k, v in test.extra_masks.items()},
+        })
+    return _finish(run, "ablate", {
+        "ap_watermark": ap, "wm_relevance_share": per_share, "overall_wm_relevance_share": overall_share,
+        "ablated": ablated, "ablation_mode": p.ablation_mode, "latent_analysis_split": la_split.name,
+        "mean_concept_relevance": scores.mean(0).tolist(), "seconds": run.timer.times.get("ablate", 0.0),
+    })
+
+
+def run_prune(run: Run, verbose: bool = True) -> dict:
+    """Stage 3 (04_prune): the iterative schedule for every method; curves per method."""
+    p = run.params
+    summary = _done(run, "prune")
+    if summary is not None and all(m in summary["curves"] for m in p.methods):
+        return summary
+    from cnp.lrp import LRPConfig
+    from cnp.pruning import PruneConfig, run_pruning
+
+    abl = run_ablate(run, verbose)
+    cfg = PruneConfig(step=p.step, target=p.target, epochs_per_step=p.epochs_per_step, final_epochs=p.final_epochs,
+                      lr=p.ft_lr, batch_size=p.ft_batch_size, ranking_data=p.ranking_data,
+                      aggregation=p.aggregation, normalisation=p.normalisation, protect=(p.protect_layer,),
+                      finetune_with_virtual_layer=p.finetune_with_virtual_layer, recompute_drsa=p.recompute_drsa,
+                      wm_share_images=p.wm_share_images, lrp=LRPConfig(variant=p.lrp_variant))
+    curves, timings = dict(summary["curves"]) if summary else {}, dict(summary["timings"]) if summary else {}
+    for method in p.methods:
+        if method in curves:
+            continue
+        state = None
+        if method == "cnp":
+            model, vl = augmented_model(run, abl["ablated"], p.ablation_mode)
+            state = vl.state()
+        model = warm_model(run)
+        t0 = time.perf_counter()
+        res = run_pruning(model, run.data(), method, cfg, concept_state=state, seed=p.seed, device=run.device,
+                          run_dir=run.dir / "prune", verbose=verbose)
+        run.timer.times[f"prune:{method}"] = time.perf_counter() - t0
+        curves[method] = res.curve
+        timings[method] = res.timings
+        if method == "cnp":
+            _pruned_heatmaps(run, res.model)
+        # record progress after every method (a restart skips finished methods)
+        atomic_write_json(run.dir / "prune" / "summary.json",
+                          {"curves": curves, "timings": timings, "key": _stage_key(p, "prune")})
+    return _finish(run, "prune", {"curves": curves, "timings": timings})
+
+
+def _pruned_heatmaps(run: Run, model) -> None:
+    """Overall LRP heatmaps of the CNP-pruned model on the ablate stage's example images."""
+    from cnp.data.splits import normalize_images
+    from cnp.evaluate import pixel_relevance
+    from cnp.lrp import LRP
+
+    path = run.dir / "ablate" / "heatmaps.pt"
+    if not path.exists():
+        return
+    h = safe_torch_load(path)
+    x = normalize_images(h["images"], run.device)
+    out = LRP(model, _lrp_config(run.params)).attribute(x, 1)
+    atomic_torch_save(run.dir / "prune" / "heatmaps_cnp.pt", {"overall": pixel_relevance(out.input_relevance).cpu()})
+
+
+def run_evaluate(run: Run, verbose: bool = True) -> dict:
+    """Stage 4 (05_evaluate): collect everything into ``metrics.json`` (the results contract)."""
+    p = run.params
+    warm = run_warmup(run, verbose)
+    aug = run_augment(run, verbose)
+    abl = run_ablate(run, verbose)
+    pr = run_prune(run, verbose)
+    timings = {"warmup": warm.get("seconds", 0.0), "augment": aug.get("seconds", 0.0),
+               "ablate": abl.get("seconds", 0.0)}
+    for m, t in pr["timings"].items():
+        timings[f"prune:{m}"] = float(sum(t.values()))
+    metrics = {
+        "pair": p.pair, "seed": p.seed, "dataset": p.dataset, "params": p.to_dict(),
+        "unpruned": {"acc": warm["acc"], "wm_relevance_share": warm["wm_relevance_share"]},
+        "drsa": {"layer": p.layer, "K": p.K, "d_k": aug["d_k"], "J": aug["J"], "ap_watermark": abl["ap_watermark"],
+                 "wm_relevance_share": abl["wm_relevance_share"], "ablated": abl["ablated"]},
+        "curves": {m: [_curve_entry(e) for e in c] for m, c in pr["curves"].items()},
+        "timings_s": timings,
+    }
+    atomic_write_json(run.dir / "metrics.json", metrics)
+    return metrics
+
+
+def _curve_entry(e: dict) -> dict:
+    keep = ("pruned", "acc", "wm_relevance_share", "params", "macs", "stage", "val_acc", "filters", "step")
+    return {k: e[k] for k in keep if k in e}
+
+
+def run_all(verbose: bool = True, **overrides) -> dict:
+    """Every stage of one run (what ``cnp.sweep`` does per (pair, seed) through the notebooks)."""
+    run = open_run(**overrides)
+    return run_evaluate(run, verbose)
+
+
+__all__ = ["METHODS", "Params", "Run", "SMOKE", "STAGES", "augmented_model", "load_data", "make_params",
+           "open_run", "run_ablate", "run_all", "run_augment", "run_evaluate", "run_prune", "run_warmup",
+           "warm_model"]
