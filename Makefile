@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.cnp-installed
 export CNP_CACHE ?= $(CURDIR)/cache
 export PYTHONHASHSEED := 0
 
-.PHONY: all reproduce test lab clean-cache .venv lint
+.PHONY: all reproduce test lab clean-cache .venv lint strip-notebooks
 
 all: test
 
@@ -27,9 +27,18 @@ $(STAMP): pyproject.toml
 reproduce: $(STAMP)
 	$(BIN)/python -m cnp.sweep --preset reproduce --out runs/reproduce --figures figures
 
+# The notebooks run under nbval in smoke mode: their parameters cells read CNP_SMOKE (tiny sizes),
+# CNP_RUNS (where the run directory goes) and CNP_FIGURES (where 06 writes), all set to a
+# temporary folder here; 01-05 share one run directory, 06 draws the figures from it.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
-	$(BIN)/python -m pytest -q --nbval-lax --nbval-kernel-name cnp --nbval-current-env -p no:cacheprovider notebooks/smoke
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	CNP_SMOKE=1 CNP_RUNS=$$tmp/runs CNP_FIGURES=$$tmp/figures CNP_PROGRESS=0 CNP_THREADS=1 OMP_NUM_THREADS=1 \
+	$(BIN)/python -m pytest -q --nbval-lax --nbval-kernel-name cnp -p no:cacheprovider notebooks
+
+# Remove outputs from the notebooks before committing them (a test checks they have none).
+strip-notebooks: $(STAMP)
+	$(BIN)/nbstripout notebooks/*.ipynb
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

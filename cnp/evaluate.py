@@ -18,7 +18,7 @@ from cnp.training import predict_logits
 def subgroup_accuracy(model: nn.Module, split: Split, device: torch.device | str = "cpu",
                       batch_size: int = 256) -> dict[str, float]:
     """Accuracy overall (all images of ``split``) and per subgroup (NaN for an empty subgroup)."""
-    logits = predict_logits(model, split.images, batch_size=batch_size, device=device)
+    logits = predict_logits(model, split.device_images(device), batch_size=batch_size, device=device)
     correct = (logits.argmax(1) == split.labels).float()
     out = {"overall": float(correct.mean()) if len(split) else float("nan")}
     for g in SUBGROUPS:
@@ -66,9 +66,12 @@ def wm_relevance_share(model: nn.Module, split: Split, lrp_config: LRPConfig | N
         return float("nan")
     lrp = LRP(model, lrp_config)
     shares = []
+    # images and masks are indexed where the model runs (Split.on_device: held there once on an
+    # accelerator, the split's own tensors on the CPU); the shares are gathered there
+    dev = torch.device(device)
+    images, masks, idx_dev = split.device_images(dev), split.on_device("masks", dev), idx.to(dev)
     for start in range(0, idx.numel(), batch_size):
-        b = idx[start:start + batch_size]
-        x = normalize_images(split.images[b], device)
-        out = lrp.attribute(x, target)
-        shares.append(mask_share(pixel_relevance(out.input_relevance).cpu(), split.masks[b]))
+        b = idx_dev[start:start + batch_size]
+        out = lrp.attribute(normalize_images(images[b]), target)
+        shares.append(mask_share(pixel_relevance(out.input_relevance), masks[b]))
     return float(torch.cat(shares).mean())

@@ -129,7 +129,7 @@ def tensor_hash(*tensors: torch.Tensor, length: int = 16) -> str:
     for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself, no copy
     return h.hexdigest()[:length]
 
 

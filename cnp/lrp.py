@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from zennit.composites import Composite
 from zennit.core import BasicHook, Hook, ParamMod
-from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox
+from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 
 from cnp.data.splits import input_bounds
 from cnp.io import CNPError
@@ -108,7 +108,11 @@ def make_rule(spec: str, cfg: LRPConfig, device=None) -> Hook:
     name, value = _parse_spec(spec)
     zp = "bias" if cfg.zero_bias else None
     if name in ("alpha1beta0", "zplus"):
-        return AlphaBeta(alpha=1.0, beta=0.0, stabilizer=cfg.stabilizer, zero_params=zp)
+        # zennit's ZPlus is AlphaBeta(alpha=1, beta=0) without the beta terms: AlphaBeta computes
+        # four modified forward/backward passes per layer and multiplies two of them by beta = 0;
+        # ZPlus computes the other two with the same arithmetic (identical relevance, to the
+        # bit, for finite values) in about half the time.
+        return ZPlus(stabilizer=cfg.stabilizer, zero_params=zp)
     if name == "alpha2beta1":
         return AlphaBeta(alpha=2.0, beta=1.0, stabilizer=cfg.stabilizer, zero_params=zp)
     if name == "epsilon":
@@ -373,7 +377,7 @@ class LRP:
         x: torch.Tensor,
         target: int | torch.Tensor = 1,
         *,
-        filters: bool = False,
+        filters: bool | str = False,
         layers: Iterable[str] = (),
         input_relevance: bool = True,
     ) -> Attribution:
@@ -382,7 +386,15 @@ class LRP:
         The top relevance is the logit itself (``R = f_c(x)`` at the output), so every layer's
         relevance sums to ``f_c(x)`` (conservation). Context sites attached to the model record
         their activations/contexts (see :class:`ContextSite`).
+
+        ``filters``: ``True`` collects both per-filter sums (``filter_relevance`` and
+        ``filter_relevance_abs``); ``'signed'`` or ``'abs'`` collects only that one (one pass
+        over each conv's relevance instead of two; the ranking asks for the one it uses).
         """
+        if filters not in (False, True, "signed", "abs"):
+            raise CNPError(f"filters must be True, False, 'signed' or 'abs', got {filters!r}")
+        want_signed = filters is True or filters == "signed"
+        want_abs = filters is True or filters == "abs"
         model = self.model
         was_training = model.training
         model.eval()
@@ -427,8 +439,10 @@ class LRP:
                 if out.requires_grad:
                     def on_grad(g):
                         if conv:
-                            store_filters[name] = g.detach().sum((2, 3))
-                            store_filters_abs[name] = g.detach().abs().sum((2, 3))
+                            if want_signed:
+                                store_filters[name] = g.detach().sum((2, 3))
+                            if want_abs:
+                                store_filters_abs[name] = g.detach().abs().sum((2, 3))
                         if name in layer_names:
                             store_layers[name] = g.detach()
                     out.register_hook(on_grad)
@@ -437,7 +451,7 @@ class LRP:
         sites = find_sites(model)
         with composite.context(model):
             for n, m in model.named_modules():
-                is_conv = filters and isinstance(m, nn.Conv2d)
+                is_conv = bool(filters) and isinstance(m, nn.Conv2d)
                 if is_conv or n in layer_mods:
                     handles.append(m.register_forward_hook(grad_hook_factory(n, is_conv)))
             for s in sites:  # after zennit's and the layer hooks: the site sees the layer's own output

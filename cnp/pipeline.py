@@ -35,7 +35,13 @@ import torch
 
 from cnp.io import CNPError, atomic_torch_save, atomic_write_json, recipe_hash, safe_torch_load
 from cnp.models import load_model, paper_name, qualified_name, save_model
-from cnp.runtime import StageTimer, configure_threads, resolve_device, seed_everything
+from cnp.runtime import (
+    StageTimer,
+    configure_threads,
+    resolve_device,
+    seed_everything,
+    stage_breakdown,
+)
 
 DATASETS = ("synthetic", "imagenet")
 STAGES = ("warmup", "augment", "ablate", "prune", "evaluate")
@@ -611,6 +617,11 @@ def run_evaluate(run: Run, verbose: bool = True) -> dict:
         "timings_s": timings,
     }
     atomic_write_json(run.dir / "metrics.json", metrics)
+    if verbose:
+        ran = set(run.timer.times)
+        cached = {k for k in timings if k not in ran}
+        print(stage_breakdown(timings, {f"prune:{m}": t for m, t in pr["timings"].items()}, cached,
+                              title=f"[cnp] time per stage: {p.pair} seed {p.seed} ({run.dir})"))
     return metrics
 
 

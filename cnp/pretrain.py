@@ -65,6 +65,9 @@ class BackboneConfig:
         ``both`` (default): the two heads together.
     wm_head_layer : str
         The activation the dense head reads (``relu4_3``, the DRSA layer).
+    wm_global_weight : float
+        Relative weight of the global head's loss (with ``both``); lower values let the
+        backbone's pooled features carry the watermark less strongly than the objects.
     seed : int
         Initialisation and shuffling seed.
     corpus : CorpusConfig
@@ -83,6 +86,7 @@ class BackboneConfig:
     dropout: float = 0.3
     wm_head: str = "both"
     wm_head_layer: str = "relu4_3"
+    wm_global_weight: float = 1.0
     seed: int = 0
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
@@ -170,8 +174,7 @@ class _PretrainNet(nn.Module):
             wm["global"] = self.wm_global(h).squeeze(1)
         return self.classifier(h), wm
 
-    @staticmethod
-    def wm_loss(wm_logits: dict, masks: torch.Tensor, wm: torch.Tensor) -> torch.Tensor:
+    def wm_loss(self, wm_logits: dict, masks: torch.Tensor, wm: torch.Tensor) -> torch.Tensor:
         """BCE of each watermark head: per-position coverage > 10 % (dense), the image flag (global)."""
         loss = torch.zeros(())
         bce = nn.functional.binary_cross_entropy_with_logits
@@ -180,7 +183,7 @@ class _PretrainNet(nn.Module):
             cover = nn.functional.adaptive_avg_pool2d(masks[:, None].float(), out.shape[-2:])[:, 0]
             loss = loss + bce(out, (cover > 0.1).float())
         if "global" in wm_logits:
-            loss = loss + bce(wm_logits["global"], wm.float())
+            loss = loss + self.cfg.wm_global_weight * bce(wm_logits["global"], wm.float())
         return loss
 
     @staticmethod

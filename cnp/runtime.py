@@ -81,3 +81,25 @@ class StageTimer:
         lines = [f"{k:<24s} {v:8.1f} s" for k, v in self.times.items()]
         lines.append(f"{'total':<24s} {total:8.1f} s")
         return "\n".join(lines)
+
+
+def stage_breakdown(stages: dict[str, float], parts: dict[str, dict[str, float]] | None = None,
+                    cached: set[str] | frozenset[str] = frozenset(), title: str = "time per stage") -> str:
+    """A table of seconds per stage, with an optional breakdown of some stages into parts.
+
+    ``stages``: stage -> seconds; ``parts``: stage -> {part: seconds} printed indented under the
+    stage (e.g. a pruning method's rank / remove / fine-tune / evaluate); ``cached``: stages whose
+    results were loaded rather than computed in this call (their recorded time is shown, marked).
+    """
+    lines = [title]
+    total = 0.0
+    for name, sec in stages.items():
+        total += sec
+        mark = "  (recorded earlier, not rerun)" if name in cached else ""
+        lines.append(f"  {name:<22s} {sec:9.1f} s{mark}")
+        for part, psec in (parts or {}).get(name, {}).items():
+            share = f"{100 * psec / sec:5.1f} %" if sec > 0 else ""
+            lines.append(f"    {part:<20s} {psec:9.1f} s  {share}")
+    lines.append(f"  {'total':<22s} {total:9.1f} s")
+    return "\n".join(lines)
+

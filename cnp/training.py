@@ -38,7 +38,10 @@ def train_epoch(
     model.train()
     device = torch.device(device)
     loss_fn = nn.CrossEntropyLoss(weight=class_weights.to(device) if class_weights is not None else None)
-    total, count = 0.0, 0
+    # the running loss stays on the device (float64, the same arithmetic as Python floats), so no
+    # batch waits for the previous one to finish; one transfer at the end of the epoch
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     use_amp = amp and device.type == "cuda"
     for x, y in progress(split.batches(batch_size, shuffle=True, generator=generator, device=device),
                          total=(len(split) + batch_size - 1) // batch_size, desc=desc, disable=not verbose):
@@ -49,19 +52,23 @@ def train_epoch(
             loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
-        total += float(loss.detach()) * len(y)
+        total += loss.detach().double() * len(y)
         count += len(y)
     model.eval()
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images_uint8: torch.Tensor, batch_size: int = 256,
                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """Logits of the model (eval mode) for uint8 images, on the CPU."""
+    """Logits of the model (eval mode) for uint8 images, on the CPU.
+
+    ``images_uint8`` may already be on ``device`` (e.g. :meth:`Split.device_images`); the logits
+    are gathered there and copied to the CPU once.
+    """
     model.eval()
     out = []
     for start in range(0, images_uint8.shape[0], batch_size):
         x = normalize_images(images_uint8[start:start + batch_size], device)
-        out.append(model(x).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        out.append(model(x).float())
+    return torch.cat(out).cpu() if out else torch.zeros(0)

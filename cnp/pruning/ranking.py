@@ -44,16 +44,23 @@ def lrp_filter_scores(model: VGG, split: Split, *, target: int = 1, ranking_data
         raise CNPError(f"ranking_data must be 'pos' or 'pos+neg', got {ranking_data!r}")
     if aggregation not in AGGREGATIONS:
         raise CNPError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    data = split.positives() if ranking_data == "pos" else split
-    if len(data) == 0:
+    device = torch.device(device)
+    index = (torch.nonzero(split.labels == 1).flatten() if ranking_data == "pos"
+             else torch.arange(len(split)))
+    if index.numel() == 0:
         raise CNPError(f"the ranking set has no {'positive ' if ranking_data == 'pos' else ''}images")
+    # the split's uint8 images are held on the device (Split.device_images) and the totals are
+    # accumulated there (float64): no host transfer or synchronisation per batch
+    images = split.device_images(device)
+    index = index.to(images.device)
     lrp = LRP(model, lrp_config)
     names = {m: n for n, m in model.named_modules()}
     conv_names = [names[c] for c in model.convs]
-    totals = [torch.zeros(c.out_channels, dtype=torch.float64) for c in model.convs]
-    for start in progress(range(0, len(data), batch_size), desc="LRP ranking", disable=not verbose):
-        x = normalize_images(data.images[start:start + batch_size], device)
-        out = lrp.attribute(x, target, filters=True, input_relevance=False)
+    totals = [torch.zeros(c.out_channels, dtype=torch.float64, device=device) for c in model.convs]
+    which = "abs" if aggregation == "abs" else "signed"
+    for start in progress(range(0, index.numel(), batch_size), desc="LRP ranking", disable=not verbose):
+        x = normalize_images(images[index[start:start + batch_size]], device)
+        out = lrp.attribute(x, target, filters=which, input_relevance=False)
         for i, n in enumerate(conv_names):
             if aggregation == "abs":
                 v = out.filter_relevance_abs[n].sum(0)
@@ -61,8 +68,8 @@ def lrp_filter_scores(model: VGG, split: Split, *, target: int = 1, ranking_data
                 v = out.filter_relevance[n].abs().sum(0)
             else:
                 v = out.filter_relevance[n].sum(0)
-            totals[i] += v.double().cpu()
-    return totals
+            totals[i] += v.double()
+    return [t.cpu() for t in totals]
 
 
 def l1_filter_scores(model: VGG) -> list[torch.Tensor]:
@@ -137,22 +144,24 @@ def select_filters(scores: list[torch.Tensor], n_remove: int, protected: set[int
         raise CNPError("every conv layer is protected; nothing can be pruned")
     layer_ids, filt_ids, flat = torch.cat(layer_ids), torch.cat(filt_ids), torch.cat(flat)
     order = torch.argsort(flat, stable=True)
-    budget = {li: int(v.numel()) - min_keep for li, v in enumerate(vals) if li not in protected}
-    chosen: dict[int, list[int]] = {}
-    taken = 0
-    for j in order.tolist():
-        if taken >= n_remove:
-            break
-        li = int(layer_ids[j])
-        if budget[li] <= 0:
-            continue
-        budget[li] -= 1
-        chosen.setdefault(li, []).append(int(filt_ids[j]))
-        taken += 1
+    # Walking the global order and taking a filter unless its layer's budget is spent takes
+    # exactly the first n_remove filters, in global order, whose rank *within their layer* (in
+    # that order) is below the layer's budget. Computed here without a loop over filters.
+    lay = layer_ids[order]
+    budget = torch.tensor([int(v.numel()) - min_keep for v in vals], dtype=torch.long)
+    rank_in_layer = torch.nn.functional.one_hot(lay, len(vals)).cumsum(0).gather(1, lay[:, None]).squeeze(1) - 1
+    eligible = torch.nonzero(rank_in_layer < budget[lay]).flatten()
+    taken = min(int(eligible.numel()), n_remove)
     if taken < n_remove:
         raise CNPError(f"only {taken} filters can be removed while keeping {min_keep} per layer; "
                        f"asked for {n_remove} (lower the target pruning rate)")
-    return {li: torch.tensor(sorted(v), dtype=torch.long) for li, v in chosen.items()}
+    pick = order[eligible[:n_remove]]
+    pick_layers = layer_ids[pick]
+    # layers in the order of their first chosen filter (as the sequential walk filled the dict)
+    first = torch.full((len(vals),), n_remove, dtype=torch.long).scatter_reduce(
+        0, pick_layers, torch.arange(n_remove), reduce="amin")
+    layers = [li for li in torch.argsort(first, stable=True).tolist() if int(first[li]) < n_remove]
+    return {li: filt_ids[pick[pick_layers == li]].sort().values for li in layers}
 
 
 def filter_scores(model: VGG, criterion: str, split: Split | None = None,

@@ -368,7 +368,10 @@ def run_pruning(
                  **_evaluate(model, data, cfg, device, image_size), **extra}
         tick("evaluate", t0)
         curve.append(entry)
+        t0 = time.perf_counter()
         _save(ckpt, key, model, vl, curve, timings, s, done=False)
+        if ckpt is not None:
+            tick("checkpoint", t0)
     # end of schedule: remove the augmented layers permanently, final recovery fine-tune
     remove_virtual_layer(model)
     t0 = time.perf_counter()

@@ -31,8 +31,11 @@ def _new_conv(old: nn.Conv2d, in_keep: torch.Tensor | None, out_keep: torch.Tens
         b = b.index_select(0, out_keep) if b is not None else None
     if in_keep is not None:
         w = w.index_select(1, in_keep)
-    new = nn.Conv2d(w.shape[1], w.shape[0], old.kernel_size, stride=old.stride, padding=old.padding,
-                    dilation=old.dilation, bias=b is not None).to(device=w.device, dtype=w.dtype)
+    # made without a random initialisation, directly where the weights live (the weights are
+    # overwritten below; initialising fc6-sized layers on the CPU costs ~0.5 s per step at 224 px)
+    new = torch.nn.utils.skip_init(nn.Conv2d, w.shape[1], w.shape[0], old.kernel_size, stride=old.stride,
+                                   padding=old.padding, dilation=old.dilation, bias=b is not None,
+                                   device=w.device, dtype=w.dtype)
     with torch.no_grad():
         new.weight.copy_(w)
         if b is not None:
@@ -83,7 +86,8 @@ def remove_filters(model: VGG, remove: Mapping[int, torch.Tensor | list[int]]) -
             size = model.avgpool.output_size
             p2 = size * size if isinstance(size, int) else size[0] * size[1]
             cols = (keep[:, None] * p2 + torch.arange(p2, device=keep.device)[None]).flatten()
-            new = nn.Linear(cols.numel(), fc.out_features).to(device=fc.weight.device, dtype=fc.weight.dtype)
+            new = torch.nn.utils.skip_init(nn.Linear, cols.numel(), fc.out_features, device=fc.weight.device,
+                                           dtype=fc.weight.dtype)
             new.weight.copy_(fc.weight.index_select(1, cols))
             new.bias.copy_(fc.bias)
             model.classifier[0] = new

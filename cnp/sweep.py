@@ -1,0 +1,667 @@
+"""Sweeps: run notebooks 01-05 per (pair, seed) with papermill, then 06 over everything.
+
+Usage
+-----
+::
+
+    python -m cnp.sweep --pairs carton-dugong crate-packet --seeds 0 1 2 \\
+        [-p name=value ...] [-g name=v1,v2 ...] [--workers N] [--out DIR] [--figures DIR] \\
+        [--preset NAME] [--executor local|submitit] [--dry-run]
+
+* Every run executes ``notebooks/01_warmup`` ... ``05_evaluate`` with papermill (kernel
+  ``cnp``); the values are injected into the cell tagged ``parameters`` and the executed
+  notebooks are saved in the run directory ``DIR/<pair>/seed<k>/`` (with a grid:
+  ``DIR/<pair>/<variant>/seed<k>/``, the variant naming the grid values). Then
+  ``06_figures`` runs over everything in ``DIR`` and writes the figures (``--figures``,
+  default ``figures/``); its executed copy is ``DIR/06_figures.ipynb``.
+* ``-p name=value`` sets any :class:`cnp.pipeline.Params` field for every run (values are
+  parsed as JSON / Python literals, else kept as strings: ``-p step=0.1 -p smoke=1
+  -p methods=cnp,vanilla,l1``). An unknown name stops the sweep before it starts.
+* ``-g name=v1,v2`` adds a grid axis (``-g K=4,8,16``): the runs are the product of all axes.
+* Resumable: a run whose ``metrics.json`` exists for the same parameters (everything except
+  ``run_dir``, ``device`` and ``threads``) is skipped; an interrupted run resumes stage by stage
+  (each stage of :mod:`cnp.pipeline` skips itself when its outputs exist for the same
+  parameters). Kill the sweep at any time and start the same command again.
+* A failing run keeps its executed notebook, with the error in it, and the other runs go on.
+  The end prints a summary table (per run and method: overall and c0w1 accuracy at the target
+  rate, time) and the failures; the exit code is 1 if any run (or 06) failed.
+* ``--workers N`` runs N runs at once in separate processes (``concurrent.futures``); each
+  run uses ``threads = cores // N`` torch threads (``--threads`` or ``$CNP_THREADS`` override
+  it: on a machine whose cores are shared with other work, 1 thread per run avoids the heavy
+  slow-down of oversubscribed OpenMP threads).
+
+Presets (``--preset``; ``--pairs``, ``--seeds``, ``-p`` and ``-g`` given on the command line win):
+
+``reproduce``   the default sweep of ``make reproduce``: carton-dugong (easy), crate-packet
+                (hard), basketball (Figure 1 demo), seeds and budget settings in
+                :data:`PRESETS` (a placeholder tuned to the time budget).
+``smoke``       one tiny run (``smoke=True``): checks the machinery in about a minute.
+``table1``      the paper's Table 1 search space as a full grid: K in 4, 8, 16 (``d_k = D / K``,
+                so ``K * d_k = D``), LRP variant epsilon / alpha1beta0 / gamma, fine-tuning
+                epochs per step 0, 2, 5, 10, ranking data pos / pos+neg, step 0.05 / 0.1
+                (144 configurations per pair and seed: hours on a GPU)::
+
+                    python -m cnp.sweep --preset table1 --out runs/table1 --figures figures/table1
+
+``table1-oat``  the same values one at a time around the selected ones (10 configurations).
+
+The cluster path: ``--executor submitit`` sends one job per run through submitit (optional
+dependency: ``pip install -e '.[cluster]'``), then runs 06 locally::
+
+    python -m cnp.sweep --preset reproduce --executor submitit --cluster slurm \\
+        --partition gpu --gpus-per-node 1 --cpus-per-task 8 --timeout-min 240 --workers 16
+
+``--cluster slurm`` submits a SLURM job array (``--workers`` = array parallelism),
+``--cluster local`` runs the jobs as local processes through submitit's LocalExecutor (it starts
+them all at once), ``--cluster debug`` runs them in this process. Logs go to ``DIR/.submitit``.
+
+The notebooks' parameter cells resolve defaults with :func:`notebook_params`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import itertools
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from cnp.io import CNPError, atomic_write_json, atomic_write_text, recipe_hash
+
+#: Repository root (``cnp/sweep.py`` -> one level above ``cnp/``).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+RUN_NOTEBOOKS = ("01_warmup.ipynb", "02_augment.ipynb", "03_ablate.ipynb", "04_prune.ipynb", "05_evaluate.ipynb")
+FIGURES_NOTEBOOK = "06_figures.ipynb"
+KERNEL = "cnp"
+#: Parameters that do not change results (left out of the resume check).
+RESULT_INDEPENDENT = ("run_dir", "device", "threads")
+
+#: The paper's Table 1 search space (Appendix A) and its selected values.
+TABLE1_GRID: dict[str, list] = {
+    "K": [4, 8, 16],
+    "lrp_variant": ["epsilon", "alpha1beta0", "gamma"],
+    "epochs_per_step": [0, 2, 5, 10],
+    "ranking_data": ["pos", "pos+neg"],
+    "step": [0.05, 0.1],
+}
+TABLE1_SELECTED: dict[str, Any] = {"K": 4, "lrp_variant": "alpha1beta0", "epochs_per_step": 2,
+                                   "ranking_data": "pos", "step": 0.05}
+
+# ---------------------------------------------------------------------------------------------
+# PLACEHOLDER (to be tuned by the lead): seeds and parameters of `make reproduce`, which must
+# finish within 15 minutes on 2 CPU cores. The full-fidelity settings are the Params defaults
+# (the paper's Appendix A) with 5 seeds.
+REPRODUCE_SEEDS: list[int] = [0, 1, 2]
+REPRODUCE_PARAMS: dict[str, Any] = {"step": 0.1}
+#: per-pair values on top of REPRODUCE_PARAMS, e.g. {"basketball": {"ablate": "3"}}
+REPRODUCE_PAIR_PARAMS: dict[str, dict[str, Any]] = {}
+# ---------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "reproduce": {
+        "doc": "make reproduce: easy pair, hard pair and the basketball demo on the embedded benchmark",
+        "pairs": ["carton-dugong", "crate-packet", "basketball"],
+        "seeds": REPRODUCE_SEEDS,
+        "params": REPRODUCE_PARAMS,
+        "pair_params": REPRODUCE_PAIR_PARAMS,
+        "grid": {},
+    },
+    "smoke": {
+        "doc": "one tiny run (smoke=True) to check the machinery",
+        "pairs": ["carton-dugong"], "seeds": [0], "params": {"smoke": True}, "grid": {},
+    },
+    "table1": {
+        "doc": "the paper's Table 1 hyper-parameter grid (full product, 144 configurations per pair and seed)",
+        "pairs": ["carton-dugong", "crate-packet"], "seeds": [0], "params": {}, "grid": TABLE1_GRID,
+        "grid_mode": "product",
+    },
+    "table1-oat": {
+        "doc": "Table 1's values one at a time around the selected ones (10 configurations per pair and seed)",
+        "pairs": ["carton-dugong", "crate-packet"], "seeds": [0], "params": {}, "grid": TABLE1_GRID,
+        "grid_mode": "one-at-a-time", "selected": TABLE1_SELECTED,
+    },
+}
+
+#: Short names of grid axes in variant directory names.
+SHORT_NAMES = {"lrp_variant": "lrp", "epochs_per_step": "ep", "ranking_data": "rank"}
+
+
+# ============================================================================ notebook support
+def default_runs_root() -> Path:
+    """Where runs go when a notebook is given no ``run_dir``: ``$CNP_RUNS`` or ``<repo>/runs``."""
+    return Path(os.environ.get("CNP_RUNS") or REPO_ROOT / "runs")
+
+
+def default_figures_dir() -> Path:
+    """Where 06 writes figures by default: ``$CNP_FIGURES`` or ``<repo>/figures``."""
+    return Path(os.environ.get("CNP_FIGURES") or REPO_ROOT / "figures")
+
+
+def default_run_dir(pair: str, seed: int, smoke: bool = False) -> Path:
+    """``<runs root>/<pair>/seed<k>`` (smoke runs: ``<runs root>/smoke/<pair>/seed<k>``)."""
+    root = default_runs_root()
+    return (root / "smoke" if smoke else root) / str(pair) / f"seed{int(seed)}"
+
+
+def notebook_params(namespace: Mapping[str, Any]):
+    """The validated :class:`~cnp.pipeline.Params` of a notebook's ``parameters`` cell.
+
+    Takes every variable of ``namespace`` (the notebook's ``globals()``) named like a
+    ``Params`` field, skipping ``None`` ("the default", which for ``smoke=True`` is the smoke
+    size), then the entries of the dict ``extra`` (any other field). An empty ``run_dir`` becomes
+    :func:`default_run_dir`; ``threads=0`` becomes ``$CNP_THREADS`` when that is set.
+
+    Raises
+    ------
+    CNPError
+        One line naming the first bad parameter (from :func:`cnp.pipeline.make_params`).
+    """
+    from cnp.pipeline import Params, make_params
+
+    names = {f.name for f in fields(Params)}
+    over = {k: namespace[k] for k in names if k in namespace and namespace[k] is not None}
+    extra = namespace.get("extra") or {}
+    if not isinstance(extra, Mapping):
+        raise CNPError(f"extra must be a dict of further parameters, got {type(extra).__name__}")
+    over.update(extra)
+    if not over.get("threads") and os.environ.get("CNP_THREADS"):
+        over["threads"] = os.environ["CNP_THREADS"]
+    if not over.get("run_dir"):
+        p = make_params(**over)  # validates pair and seed before they name a folder
+        over["run_dir"] = str(default_run_dir(p.pair, p.seed, p.smoke))
+    return make_params(**over)
+
+
+# ============================================================================ planning
+@dataclass(frozen=True)
+class Job:
+    """One run of a sweep: a (pair, seed, variant) and its parameter overrides."""
+
+    pair: str
+    seed: int
+    run_dir: str
+    overrides: dict = field(hash=False)
+    variant: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.pair}/{self.variant}" if self.variant else self.pair
+
+    def all_params(self) -> dict[str, Any]:
+        return {**self.overrides, "pair": self.pair, "seed": self.seed, "run_dir": self.run_dir}
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON, else a Python literal, else the string itself."""
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError, TypeError):
+            continue
+    return text
+
+
+def parse_assignments(items: Sequence[str], what: str = "-p") -> dict[str, Any]:
+    """``["step=0.1", ...]`` -> ``{"step": 0.1}``; names must be :class:`Params` fields."""
+    from cnp.pipeline import Params
+
+    known = {f.name for f in fields(Params)}
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise CNPError(f"{what} {item!r}: expected name=value")
+        name, value = item.split("=", 1)
+        name = name.strip()
+        if name not in known:
+            import difflib
+
+            hint = difflib.get_close_matches(name, known, n=1)
+            raise CNPError(f"{what} {item!r}: unknown parameter {name!r}"
+                           + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        if name in ("pair", "seed", "run_dir"):
+            raise CNPError(f"{what} {name}=...: use --pairs / --seeds / --out instead")
+        out[name] = parse_value(value.strip())
+    return out
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list]:
+    """``["K=4,8,16"]`` -> ``{"K": [4, 8, 16]}``."""
+    grid = {}
+    for name, value in parse_assignments(items, "-g").items():
+        if isinstance(value, list | tuple):
+            vals = list(value)
+        elif isinstance(value, str):
+            vals = [parse_value(v.strip()) for v in value.split(",") if v.strip()]
+        else:
+            vals = [value]
+        grid[name] = vals
+    return grid
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", str(value)).strip("-")
+
+
+def variant_name(values: Mapping[str, Any]) -> str:
+    """Directory name of a grid point: ``K-8_lrp-epsilon_ep-2_rank-pos-neg_step-0.1``."""
+    return "_".join(f"{SHORT_NAMES.get(k, k)}-{_slug(v)}" for k, v in values.items())
+
+
+def expand_grid(grid: Mapping[str, Sequence], mode: str = "product",
+                selected: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Grid points: the full product, or ``one-at-a-time`` around ``selected`` (default: each
+    axis's first value); duplicates removed, order kept."""
+    if not grid:
+        return [{}]
+    keys = list(grid)
+    if mode == "product":
+        points = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
+    elif mode == "one-at-a-time":
+        base = {k: (selected or {}).get(k, grid[k][0]) for k in keys}
+        points = [dict(base)]
+        for k in keys:
+            for v in grid[k]:
+                points.append({**base, k: v})
+    else:
+        raise CNPError(f"grid mode must be 'product' or 'one-at-a-time', got {mode!r}")
+    seen, out = set(), []
+    for p in points:
+        key = json.dumps(p, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def plan(pairs: Sequence[str], seeds: Sequence[int], out: str | Path, params: Mapping[str, Any] | None = None,
+         grid: Mapping[str, Sequence] | None = None, grid_mode: str = "product",
+         selected: Mapping[str, Any] | None = None,
+         pair_params: Mapping[str, Mapping[str, Any]] | None = None) -> list[Job]:
+    """The runs of a sweep, in order (pairs, then grid points, then seeds).
+
+    A run's values: ``params``, then ``pair_params[pair]`` (a preset's per-pair values), then
+    the grid point's."""
+    if not pairs:
+        raise CNPError("no pairs given (--pairs ... or --preset NAME)")
+    if not seeds:
+        raise CNPError("no seeds given (--seeds ... or --preset NAME)")
+    out = Path(out)
+    jobs = []
+    for pair in pairs:
+        for point in expand_grid(grid or {}, grid_mode, selected):
+            variant = variant_name(point) if point else ""
+            for seed in seeds:
+                d = out / pair / variant / f"seed{int(seed)}" if variant else out / pair / f"seed{int(seed)}"
+                jobs.append(Job(pair=str(pair), seed=int(seed), run_dir=str(d),
+                                overrides={**(params or {}), **(pair_params or {}).get(pair, {}), **point},
+                                variant=variant))
+    return jobs
+
+
+# ============================================================================ resume check
+def params_key(params: Mapping[str, Any]) -> str:
+    """Hash of a run's parameters (a ``Params.to_dict()``) without :data:`RESULT_INDEPENDENT`."""
+    d = {k: v for k, v in params.items() if k not in RESULT_INDEPENDENT}
+    if isinstance(d.get("methods"), tuple):
+        d["methods"] = list(d["methods"])
+    return recipe_hash(d)
+
+
+def expected_key(job: Job) -> str:
+    """The parameters key a finished run of ``job`` has (raises CNPError for bad parameters)."""
+    from cnp.pipeline import make_params
+
+    return params_key(make_params(**job.all_params()).to_dict())
+
+
+def job_status(job: Job) -> tuple[str, str]:
+    """``("done", "")`` if ``metrics.json`` exists for the same parameters, ``("invalid", msg)``
+    for parameters that cannot run, else ``("todo", reason)``."""
+    try:
+        key = expected_key(job)
+    except CNPError as exc:
+        return "invalid", str(exc)
+    path = Path(job.run_dir) / "metrics.json"
+    if not path.exists():
+        return "todo", "no metrics.json"
+    try:
+        found = params_key(json.loads(path.read_text())["params"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "todo", "metrics.json unreadable"
+    return ("done", "") if found == key else ("todo", "metrics.json is for other parameters")
+
+
+# ============================================================================ execution
+_PARAM_CACHE: dict[str, set[str]] = {}
+
+
+def notebook_parameter_names(path: Path) -> set[str]:
+    """Names assigned at the top level of a notebook's cell tagged ``parameters``."""
+    import nbformat
+
+    key = str(path)
+    if key not in _PARAM_CACHE:
+        nb = nbformat.read(str(path), as_version=4)
+        cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+        if len(cells) != 1:
+            raise CNPError(f"{path} must have exactly one code cell tagged 'parameters', found {len(cells)}")
+        names = set()
+        for node in ast.parse(cells[0].source).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+                if isinstance(node, ast.AnnAssign) else []
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        _PARAM_CACHE[key] = names
+    return set(_PARAM_CACHE[key])
+
+
+def injected_parameters(path: Path, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Values for a notebook: the names its parameters cell declares directly, the rest in
+    ``extra`` (when the notebook declares ``extra``)."""
+    declared = notebook_parameter_names(path)
+    direct = {k: v for k, v in values.items() if k in declared}
+    rest = {k: v for k, v in values.items() if k not in declared}
+    if rest:
+        if "extra" not in declared:
+            raise CNPError(f"{path.name} has no 'extra' parameter for {sorted(rest)}")
+        direct["extra"] = rest
+    return direct
+
+
+def check_kernel(kernel: str = KERNEL) -> None:
+    """Raise CNPError with the fix when the Jupyter kernel is not installed."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if kernel not in KernelSpecManager().find_kernel_specs():
+        raise CNPError(f"the Jupyter kernel {kernel!r} is not installed; run `make .venv` or "
+                       f"`python -m ipykernel install --sys-prefix --name {kernel}`")
+
+
+def _set_thread_env(threads: int) -> None:
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CNP_THREADS"):
+        os.environ[var] = str(threads)
+    os.environ.setdefault("CNP_PROGRESS", "0")
+
+
+def _error_line(exc: BaseException) -> str:
+    ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
+    if ename:
+        return f"{ename}: {evalue}".strip().splitlines()[0]
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"
+
+
+def execute(src: Path, dst: Path, parameters: Mapping[str, Any], kernel: str = KERNEL,
+            cwd: Path | None = None) -> None:
+    """Execute one notebook with papermill (raises on a failing cell; ``dst`` keeps the error)."""
+    import papermill
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(str(src), str(dst), parameters=dict(parameters), kernel_name=kernel,
+                               progress_bar=False, log_output=False, cwd=str(cwd) if cwd else None)
+
+
+def run_job(job: Job, threads: int = 1, kernel: str = KERNEL, notebooks: str | Path = NOTEBOOK_DIR,
+            force: bool = False) -> dict[str, Any]:
+    """Run notebooks 01-05 for one job (skipped when already done). Never raises: failures are
+    returned (``status='failed'``, ``error`` = the error's one line, ``notebook`` = where it is)."""
+    t0 = time.perf_counter()
+    res = {"label": job.label, "pair": job.pair, "seed": job.seed, "variant": job.variant,
+           "run_dir": job.run_dir, "status": "", "seconds": 0.0, "error": "", "notebook": ""}
+    try:
+        status, why = job_status(job)
+        if status == "done" and not force:
+            return {**res, "status": "skipped"}
+        _set_thread_env(threads)
+        run_dir = Path(job.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        values = {"smoke": False, **job.all_params(), "threads": threads}
+        values["run_dir"] = str(run_dir.resolve())
+        print(f"[sweep] {job.label} seed {job.seed}: start ({why or status}) -> {run_dir}", flush=True)
+        for name in RUN_NOTEBOOKS:
+            src = Path(notebooks) / name
+            dst = run_dir / name
+            t1 = time.perf_counter()
+            try:
+                execute(src, dst, injected_parameters(src, values), kernel=kernel, cwd=run_dir)
+            except Exception as exc:  # noqa: BLE001 - any failure of a run is reported, not raised
+                line = _error_line(exc)
+                print(f"[sweep] {job.label} seed {job.seed}: FAILED in {name}: {line}", flush=True)
+                return {**res, "status": "failed", "error": line, "notebook": str(dst),
+                        "seconds": time.perf_counter() - t0}
+            print(f"[sweep] {job.label} seed {job.seed}: {name} done ({time.perf_counter() - t1:.0f} s)", flush=True)
+        if not (run_dir / "metrics.json").exists():
+            return {**res, "status": "failed", "error": "05_evaluate finished without writing metrics.json",
+                    "notebook": str(run_dir / RUN_NOTEBOOKS[-1]), "seconds": time.perf_counter() - t0}
+        return {**res, "status": "done", "seconds": time.perf_counter() - t0}
+    except Exception as exc:  # noqa: BLE001
+        return {**res, "status": "failed", "error": _error_line(exc), "seconds": time.perf_counter() - t0}
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def run_local(jobs: Sequence[Job], workers: int, threads: int, kernel: str, notebooks: Path,
+              force: bool = False) -> list[dict]:
+    """Run jobs here: in this process (one worker) or in a process pool."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [run_job(j, threads, kernel, notebooks, force) for j in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    results: dict[int, dict] = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_job, j, threads, kernel, notebooks, force): i for i, j in enumerate(jobs)}
+        for fut in as_completed(futures):
+            i = futures[fut]
+            try:
+                results[i] = fut.result()
+            except Exception as exc:  # noqa: BLE001 - a worker process died
+                j = jobs[i]
+                results[i] = {"label": j.label, "pair": j.pair, "seed": j.seed, "variant": j.variant,
+                              "run_dir": j.run_dir, "status": "failed", "seconds": 0.0,
+                              "error": _error_line(exc), "notebook": ""}
+    return [results[i] for i in range(len(jobs))]
+
+
+def run_submitit(jobs: Sequence[Job], args: argparse.Namespace, threads: int, kernel: str,
+                 notebooks: Path) -> list[dict]:
+    """Send one job per run through submitit's AutoExecutor and wait for them."""
+    try:
+        import submitit
+    except ImportError:
+        raise CNPError("--executor submitit needs the optional dependency submitit: "
+                       "pip install -e '.[cluster]'") from None
+    folder = Path(args.out) / ".submitit"
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=args.cluster)
+    ex.update_parameters(name="cnp-sweep", timeout_min=args.timeout_min, cpus_per_task=threads,
+                         gpus_per_node=args.gpus_per_node, mem_gb=args.mem_gb,
+                         slurm_array_parallelism=max(1, args.workers),
+                         **({"slurm_partition": args.partition} if args.partition else {}))
+    n = len(jobs)
+    sub = ex.map_array(run_job, list(jobs), [threads] * n, [kernel] * n, [str(notebooks)] * n,
+                       [args.force] * n)
+    print(f"[sweep] submitted {n} job(s) via submitit ({ex.cluster}); logs in {folder}", flush=True)
+    results = []
+    for j, s in zip(jobs, sub):
+        try:
+            results.append(s.result())
+        except Exception as exc:  # noqa: BLE001 - the job itself crashed (timeout, node failure)
+            results.append({"label": j.label, "pair": j.pair, "seed": j.seed, "variant": j.variant,
+                            "run_dir": j.run_dir, "status": "failed", "seconds": 0.0,
+                            "error": _error_line(exc), "notebook": str(folder)})
+    return results
+
+
+# ============================================================================ summary
+def summary_rows(results: Sequence[Mapping]) -> tuple[list[dict], list[str]]:
+    """Rows of the summary table and its columns (per method: overall and c0w1 at the target)."""
+    from cnp.figures import at_target, method_order
+
+    metrics = {}
+    for r in results:
+        path = Path(r["run_dir"]) / "metrics.json"
+        if r["status"] in ("done", "skipped") and path.exists():
+            try:
+                metrics[r["run_dir"]] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                pass
+    methods = method_order(m for mm in metrics.values() for m in mm.get("curves", {}))
+    cols = ["run", "seed", "status", "time_s"]
+    for m in methods:
+        cols += [f"{m} overall", f"{m} c0w1"]
+    rows = []
+    for r in results:
+        row = {"run": r["label"], "seed": r["seed"], "status": r["status"], "time_s": f"{r['seconds']:.0f}"}
+        mm = metrics.get(r["run_dir"], {})
+        for m in methods:
+            p = at_target(mm.get("curves", {}).get(m, []))
+            row[f"{m} overall"] = f"{p['acc']['overall']:.3f}" if p else ""
+            row[f"{m} c0w1"] = f"{p['acc']['c0w1']:.3f}" if p else ""
+        rows.append(row)
+    return rows, cols
+
+
+def format_table(rows: Sequence[Mapping], cols: Sequence[str]) -> str:
+    """A plain, aligned text table."""
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) if rows else len(c) for c in cols]
+    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(out)
+
+
+# ============================================================================ command line
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m cnp.sweep", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets: " + "; ".join(f"{k}: {v['doc']}" for k, v in PRESETS.items()))
+    ap.add_argument("--pairs", nargs="+", help="pairs (carton-dugong, crate-packet, basketball)")
+    ap.add_argument("--seeds", nargs="+", type=int, help="seeds, e.g. 0 1 2")
+    ap.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="a cnp.pipeline.Params value for every run (repeatable)")
+    ap.add_argument("-g", "--grid", action="append", default=[], metavar="NAME=V1,V2",
+                    help="a grid axis (repeatable); runs go to DIR/<pair>/<variant>/seed<k>")
+    ap.add_argument("--grid-mode", choices=["product", "one-at-a-time"], default=None,
+                    help="how grid axes combine (default: the preset's, else product)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="a named sweep (see below)")
+    ap.add_argument("--workers", type=int, default=1, help="runs at once (threads per run = cores // workers)")
+    ap.add_argument("--out", default="runs", help="sweep directory (default: runs)")
+    ap.add_argument("--figures", default="figures", help="where 06 writes the figures (default: figures)")
+    ap.add_argument("--no-figures", action="store_true", help="do not run 06 at the end")
+    ap.add_argument("--executor", choices=["local", "submitit"], default="local")
+    ap.add_argument("--cluster", choices=["local", "slurm", "debug"], default=None,
+                    help="submitit cluster (default: slurm when available, else local)")
+    ap.add_argument("--partition", default="", help="SLURM partition (submitit)")
+    ap.add_argument("--timeout-min", type=int, default=240, help="job time limit in minutes (submitit)")
+    ap.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per job (submitit)")
+    ap.add_argument("--cpus-per-task", type=int, default=0, help="CPUs per job (submitit; default cores // workers)")
+    ap.add_argument("--mem-gb", type=int, default=16, help="memory per job in GB (submitit)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per run (default: $CNP_THREADS, else cores // workers)")
+    ap.add_argument("--kernel", default=KERNEL, help="Jupyter kernel (default: cnp)")
+    ap.add_argument("--notebooks", default=str(NOTEBOOK_DIR), help="folder of the notebooks 01-06")
+    ap.add_argument("--force", action="store_true", help="re-execute runs whose metrics.json is up to date")
+    ap.add_argument("--dry-run", action="store_true", help="print the planned runs and their status, run nothing")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        preset = PRESETS[args.preset] if args.preset else {}
+        pairs = args.pairs or preset.get("pairs")
+        seeds = args.seeds if args.seeds is not None else preset.get("seeds")
+        cli = parse_assignments(args.param)
+        params = {**preset.get("params", {}), **cli}
+        # command-line values win over a preset's per-pair values too
+        pair_params = {k: {n: v for n, v in d.items() if n not in cli} for k, d in preset.get("pair_params", {}).items()}
+        grid = {**preset.get("grid", {}), **parse_grid(args.grid)}
+        mode = args.grid_mode or preset.get("grid_mode", "product")
+        jobs = plan(pairs or [], seeds or [], args.out, params, grid, mode, preset.get("selected"), pair_params)
+    except CNPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    workers = max(1, args.workers)
+    threads = args.threads or args.cpus_per_task or int(os.environ.get("CNP_THREADS") or 0) \
+        or max(1, available_cores() // workers)
+    out = Path(args.out)
+    notebooks = Path(args.notebooks)
+
+    if args.dry_run:
+        rows = []
+        for j in jobs:
+            status, why = job_status(j)
+            rows.append({"run": j.label, "seed": j.seed, "status": {"done": "skip (up to date)", "todo": "run",
+                                                                   "invalid": "run (will fail)"}[status],
+                         "why": why, "run_dir": j.run_dir})
+        print(format_table(rows, ["run", "seed", "status", "run_dir", "why"]))
+        print(f"\n{len(jobs)} run(s); {sum(r['status'].startswith('run') for r in rows)} to execute with "
+              f"{workers} worker(s) x {threads} thread(s); then 06 -> {args.figures}")
+        return 0
+
+    try:
+        check_kernel(args.kernel)
+    except CNPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    print(f"[sweep] {len(jobs)} run(s) -> {out} ({workers} worker(s) x {threads} thread(s), "
+          f"executor {args.executor})", flush=True)
+    try:
+        if args.executor == "submitit":
+            results = run_submitit(jobs, args, threads, args.kernel, notebooks)
+        else:
+            results = run_local(jobs, workers, threads, args.kernel, notebooks, args.force)
+    except CNPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    fig_failed = ""
+    if not args.no_figures:
+        if any((Path(r["run_dir"]) / "metrics.json").exists() for r in results) or any(out.rglob("metrics.json")):
+            _set_thread_env(threads)
+            print(f"[sweep] 06_figures over {out} -> {args.figures}", flush=True)
+            try:
+                execute(notebooks / FIGURES_NOTEBOOK, out / FIGURES_NOTEBOOK,
+                        injected_parameters(notebooks / FIGURES_NOTEBOOK,
+                                            {"sweep_dir": str(out.resolve()),
+                                             "figures_dir": str(Path(args.figures).resolve())}),
+                        kernel=args.kernel, cwd=out)
+            except Exception as exc:  # noqa: BLE001
+                fig_failed = _error_line(exc)
+        else:
+            print("[sweep] no finished run: 06_figures skipped", flush=True)
+
+    rows, cols = summary_rows(results)
+    failed = [r for r in results if r["status"] == "failed"]
+    print("\n" + format_table(rows, cols))
+    print(f"\n{len(results)} run(s): {sum(r['status'] == 'done' for r in results)} done, "
+          f"{sum(r['status'] == 'skipped' for r in results)} skipped (up to date), {len(failed)} failed; "
+          f"{time.perf_counter() - t0:.0f} s")
+    for r in failed:
+        print(f"FAILED {r['label']} seed {r['seed']}: {r['error']}\n       notebook: {r['notebook'] or '-'}")
+    if fig_failed:
+        print(f"FAILED 06_figures: {fig_failed}\n       notebook: {out / FIGURES_NOTEBOOK}")
+    atomic_write_json(out / "sweep_summary.json", {"results": results, "figures_error": fig_failed})
+    from cnp.figures import to_markdown
+
+    atomic_write_text(out / "sweep_summary.md", to_markdown(rows, cols))
+    return 1 if failed or fig_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

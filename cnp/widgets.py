@@ -1,0 +1,360 @@
+"""Interactive pieces of notebook 03: the live ablation explorer and the watermark labeller.
+
+Both follow one pattern: a plain class holds the logic and is tested without a browser
+(:class:`AblationExplorer`, :class:`WatermarkLabeler`); a function builds a thin ipywidgets UI
+on it (:func:`ablation_widget`, :func:`labeler_widget`). Under papermill or nbval (no
+front end) the widgets are created and rendered once, headless, without error.
+
+AblationExplorer
+    Stage 2 of the paper, interactively: choose the ablated set ``K'`` (a toggle per subspace
+    ``U_k``) and the ablation mode (``zero``: ``U_k' = 0``, the paper; ``mean``: the subspace
+    carries its dataset-mean signal, the paper's footnote 3). Each change recomputes, on the
+    augmented network, the subspace and overall LRP heatmaps of a few chosen images, their
+    positive-class probability, and the accuracy on a small c0w1 set (negatives with a
+    watermark: the OOD subgroup) and a small c1w0 set (positives without one).
+
+WatermarkLabeler
+    Human labelling of watermark presence on real (ImageNet) images; writes the label CSV
+    (``file,watermark``) that the pair manifests read, through
+    :func:`cnp.data.imagenet.write_label_csv` (atomic, validated).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnp.io import CNPError
+
+
+def _images_of(split_or_images: Any) -> torch.Tensor:
+    if split_or_images is None:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+    images = getattr(split_or_images, "images", split_or_images)
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+        raise CNPError("pass a Split or uint8 images (n, 3, H, W)")
+    return images
+
+
+# ============================================================================ ablation explorer
+class AblationExplorer:
+    """Live ablation of concept subspaces on an augmented model (logic of the 03 widget).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The warmed-up model carrying the virtual layer ``vl`` (see
+        :func:`cnp.pipeline.augmented_model`).
+    vl : VirtualLayer
+    images : Split or uint8 tensor (n, 3, H, W)
+        The images whose heatmaps and positive-class probabilities are shown.
+    c0w1, c1w0 : Split or uint8 tensor, optional
+        Small evaluation sets: negatives with a watermark (label 0) and positives without one
+        (label 1). Their accuracy is reported per update.
+    lrp_config : LRPConfig, optional
+    mean_images : uint8 tensor, optional
+        Images for the dataset-mean activation of ``mode='mean'`` (fitted on first use).
+    device : str or torch.device
+    """
+
+    def __init__(self, model: nn.Module, vl, images, c0w1=None, c1w0=None, lrp_config=None,
+                 mean_images: torch.Tensor | None = None, device: torch.device | str = "cpu") -> None:
+        self.model, self.vl = model.eval(), vl
+        self.images = _images_of(images)
+        if self.images.shape[0] == 0:
+            raise CNPError("AblationExplorer needs at least one image to show")
+        self.eval_sets = {"c0w1": (_images_of(c0w1), 0), "c1w0": (_images_of(c1w0), 1)}
+        self.lrp_config = lrp_config
+        self.mean_images = mean_images
+        self.device = torch.device(device)
+        self._cache: dict[tuple, dict] = {}
+
+    @property
+    def K(self) -> int:
+        return int(self.vl.K)
+
+    @classmethod
+    def from_run(cls, run, n_images: int = 4, n_eval: int = 40) -> AblationExplorer:
+        """An explorer on a run's augmented model (stage outputs of 01 and 02 must exist).
+
+        Images: the run's heatmap examples (positives with a watermark first, as in the
+        figures); evaluation sets: the first ``n_eval`` test images of c0w1 and of c1w0.
+        """
+        from cnp.pipeline import _lrp_config, augmented_model
+
+        model, vl = augmented_model(run)
+        test = run.data()["test"]
+        order = torch.cat([test.subgroup_index("c1w1"), test.subgroup_index("c1w0")])[:n_images]
+        return cls(model, vl, test.images[order],
+                   c0w1=test.images[test.subgroup_index("c0w1")[:n_eval]],
+                   c1w0=test.images[test.subgroup_index("c1w0")[:n_eval]],
+                   lrp_config=_lrp_config(run.params), mean_images=run.data()["drsa"].images,
+                   device=run.device)
+
+    def _configure(self, ablated: Sequence[int], mode: str) -> tuple[int, ...]:
+        abl = tuple(sorted({int(k) for k in ablated}))
+        if mode == "mean" and abl and not self.vl._has_mean:
+            if self.mean_images is None:
+                raise CNPError("mean ablation needs images for the dataset-mean activation (mean_images)")
+            self.vl.fit_mean(self.model, self.mean_images)
+        self.vl.set_ablation(abl, mode)  # validates indices, mode, 'keep at least one'
+        return abl
+
+    def update(self, ablated: Sequence[int] = (), mode: str = "zero") -> dict[str, Any]:
+        """Ablate ``ablated`` with ``mode`` and recompute everything shown (cached per setting).
+
+        Returns
+        -------
+        dict
+            ``ablated`` (sorted list), ``mode``, ``subspaces`` (n, K, H, W) and ``overall``
+            (n, H, W) heatmaps as numpy arrays, ``p_positive`` (n,), ``acc`` {``c0w1``,
+            ``c1w0``} (NaN for an empty set), ``seconds`` (compute time; 0 when cached).
+
+        Raises
+        ------
+        CNPError
+            Index outside 0..K-1, every subspace ablated, or an unknown mode.
+        """
+        from cnp.concepts import subspace_heatmaps
+        from cnp.data.splits import normalize_images
+        from cnp.training import predict_logits
+
+        abl = self._configure(ablated, mode)
+        key = (abl, mode)
+        if key in self._cache:
+            return {**self._cache[key], "seconds": 0.0}
+        t0 = time.perf_counter()
+        was = self.vl.enabled
+        self.vl.enabled = True
+        try:
+            x = normalize_images(self.images, self.device)
+            maps_k, maps = subspace_heatmaps(self.model, self.vl, x, lrp_config=self.lrp_config)
+            with torch.no_grad():
+                p = predict_logits(self.model, self.images, device=self.device).softmax(1)[:, 1]
+                acc = {}
+                for name, (imgs, label) in self.eval_sets.items():
+                    if imgs.shape[0] == 0:
+                        acc[name] = float("nan")
+                        continue
+                    pred = predict_logits(self.model, imgs, device=self.device).argmax(1)
+                    acc[name] = float((pred == label).float().mean())
+        finally:
+            self.vl.enabled = was
+        res = {"ablated": list(abl), "mode": mode, "subspaces": maps_k.detach().cpu().numpy(),
+               "overall": maps.detach().cpu().numpy(), "p_positive": p.numpy(), "acc": acc}
+        self._cache[key] = res
+        return {**res, "seconds": time.perf_counter() - t0}
+
+    def compare(self, settings: Sequence[tuple[Sequence[int], str]]) -> list[dict]:
+        """Numbers (no heatmaps) for several ``(ablated, mode)`` settings, for a static table."""
+        rows = []
+        for ablated, mode in settings:
+            r = self.update(ablated, mode)
+            rows.append({"K'": "{" + ", ".join(map(str, r["ablated"])) + "}", "mode": mode,
+                         "mean p(positive)": f"{float(np.mean(r['p_positive'])):.3f}",
+                         "acc c0w1": f"{r['acc']['c0w1']:.3f}", "acc c1w0": f"{r['acc']['c1w0']:.3f}"})
+        return rows
+
+    def images_hwc(self) -> np.ndarray:
+        return self.images.permute(0, 2, 3, 1).numpy()
+
+
+def ablation_widget(explorer: AblationExplorer, initial: Sequence[int] = (), mode: str = "zero"):
+    """ipywidgets UI on an :class:`AblationExplorer`: a toggle per subspace (pressed = ablated),
+    the mode, a status line with the numbers, and the heatmap figure. Returns the widget box."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    from cnp.figures import fig_explorer
+
+    toggles = [w.ToggleButton(value=k in set(initial), description=f"U_{k}", tooltip=f"ablate subspace U_{k}",
+                              layout=w.Layout(width="70px")) for k in range(explorer.K)]
+    mode_w = w.ToggleButtons(options=["zero", "mean"], value=mode, description="mode",
+                             tooltips=["U_k' = 0 (the paper)", "dataset-mean signal (footnote 3)"])
+    status = w.HTML()
+    out = w.Output()
+
+    def refresh(*_):
+        ablated = [k for k, t in enumerate(toggles) if t.value]
+        try:
+            res = explorer.update(ablated, mode_w.value)
+        except CNPError as exc:
+            status.value = f"<b style='color:#b00'>{exc}</b>"
+            return
+        status.value = (f"K' = {{{', '.join(map(str, res['ablated']))}}}, mode {res['mode']}: "
+                        f"p(positive) of the images {np.round(res['p_positive'], 3).tolist()}; "
+                        f"accuracy c0w1 {res['acc']['c0w1']:.3f}, c1w0 {res['acc']['c1w0']:.3f} "
+                        f"({res['seconds']:.2f} s)")
+        fig = fig_explorer(res, explorer.images_hwc(), title="ablated subspaces marked; red = positive relevance")
+        with out:
+            out.clear_output(wait=True)
+            display(fig)
+
+    for t in toggles:
+        t.observe(refresh, names="value")
+    mode_w.observe(refresh, names="value")
+    refresh()
+    return w.VBox([w.HBox([w.Label("ablate:"), *toggles]), mode_w, status, out])
+
+
+# ============================================================================ watermark labeller
+class WatermarkLabeler:
+    """Label watermark presence on image files and keep the label CSV up to date.
+
+    Parameters
+    ----------
+    root : path
+        The ImageNet root; ``files`` are relative to it (``train/<wnid>/<name>.JPEG``).
+    files : sequence of str
+        The files to label, in order.
+    out_csv : path
+        The label CSV (``file,watermark``). Existing labels in it are loaded (labelling
+        resumes at the first unlabelled file) and kept; every :meth:`label` rewrites it
+        atomically.
+    """
+
+    def __init__(self, root: str | os.PathLike, files: Sequence[str], out_csv: str | os.PathLike) -> None:
+        from cnp.data.imagenet import read_label_csv
+
+        self.root, self.out_csv = Path(root), Path(out_csv)
+        self.files = list(files)
+        if not self.files:
+            raise CNPError(f"no image files to label under {self.root}")
+        self.labels: dict[str, int] = read_label_csv(self.out_csv, self.root) if self.out_csv.is_file() else {}
+        self.index = self._next_unlabelled(0)
+
+    @classmethod
+    def for_pair(cls, pair: str, root: str | os.PathLike, out_csv: str | os.PathLike | None = None,
+                 splits: Sequence[str] = ("train", "val"), limit: int | None = None) -> WatermarkLabeler:
+        """All images of the pair's two classes under ``root/<split>/<wnid>/`` (sorted).
+
+        ``out_csv`` defaults to the manifest's ``watermark.label_csv`` (read by
+        :func:`cnp.data.imagenet.build_pair` when it exists); ``limit`` caps the files per class
+        and split.
+        """
+        from cnp.data.imagenet import IMAGE_SUFFIXES, check_root, load_manifest
+
+        man = load_manifest(pair)
+        r = check_root(root)
+        if out_csv is None:
+            out_csv = man.default_label_csv()
+            if out_csv is None:
+                raise CNPError(f"the manifest of {pair!r} names no label_csv; pass out_csv=<path>")
+        files = []
+        for split in splits:
+            for cls_ in (man.positive, man.negative):
+                d = r / split / cls_.wnid
+                if not d.is_dir():
+                    continue
+                names = sorted(p.name for p in d.iterdir() if p.is_file() and not p.name.startswith(".")
+                               and p.suffix.lower() in IMAGE_SUFFIXES)
+                files += [f"{split}/{cls_.wnid}/{n}" for n in names[:limit]]
+        return cls(r, files, out_csv)
+
+    def _next_unlabelled(self, start: int) -> int:
+        for i in range(start, len(self.files)):
+            if self.files[i] not in self.labels:
+                return i
+        return len(self.files)
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.files)
+
+    def current(self) -> str | None:
+        """The file to label now (None when every file is labelled)."""
+        return None if self.done else self.files[self.index]
+
+    def progress(self) -> tuple[int, int]:
+        """(labelled files among ``files``, total)."""
+        return sum(f in self.labels for f in self.files), len(self.files)
+
+    def label(self, watermark: bool | int, file: str | None = None) -> str | None:
+        """Label ``file`` (default: the current one), save the CSV, move to the next unlabelled file."""
+        f = file if file is not None else self.current()
+        if f is None:
+            raise CNPError("every file is labelled already")
+        if f not in self.files:
+            raise CNPError(f"{f!r} is not among the files being labelled")
+        self.labels[f] = int(bool(watermark))
+        self.save()
+        if file is None or file == self.current():
+            self.index = self._next_unlabelled(self.index + 1)
+        return self.current()
+
+    def skip(self) -> str | None:
+        """Leave the current file unlabelled and move to the next file."""
+        if not self.done:
+            self.index += 1
+        return self.current()
+
+    def back(self) -> str | None:
+        """Go back one file (to relabel it)."""
+        self.index = max(0, self.index - 1)
+        return self.current()
+
+    def save(self) -> Path:
+        from cnp.data.imagenet import write_label_csv
+
+        return write_label_csv(self.out_csv, self.labels, root=self.root)
+
+    def image_bytes(self, file: str | None = None, size: int = 320) -> bytes:
+        """The image (longest side ``size``) as PNG bytes, for display."""
+        from PIL import Image
+
+        from cnp.io import safe_join
+
+        f = file if file is not None else self.current()
+        if f is None:
+            return b""
+        with Image.open(safe_join(self.root, f)) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+        return buf.getvalue()
+
+
+def labeler_widget(labeler: WatermarkLabeler):
+    """ipywidgets UI on a :class:`WatermarkLabeler`: the image, 'watermark' / 'clean' / 'skip' /
+    'back' buttons and a progress line. Every click saves the CSV."""
+    import ipywidgets as w
+
+    img = w.Image(format="png", layout=w.Layout(max_width="340px"))
+    info = w.HTML()
+    buttons = {name: w.Button(description=name, button_style=style)
+               for name, style in (("watermark", "danger"), ("clean", "success"), ("skip", ""), ("back", ""))}
+
+    def show():
+        n, total = labeler.progress()
+        f = labeler.current()
+        img.value = labeler.image_bytes() if f else b""
+        where = f"<code>{f}</code>" if f else "<b>all files labelled</b>"
+        info.value = f"{where} &nbsp; labelled {n} / {total} &rarr; <code>{labeler.out_csv}</code>"
+
+    def act(name):
+        def handler(_):
+            if name in ("watermark", "clean") and not labeler.done:
+                labeler.label(name == "watermark")
+            elif name == "skip":
+                labeler.skip()
+            elif name == "back":
+                labeler.back()
+            show()
+        return handler
+
+    for name, b in buttons.items():
+        b.on_click(act(name))
+    show()
+    return w.VBox([info, img, w.HBox(list(buttons.values()))])
+
+
+__all__ = ["AblationExplorer", "WatermarkLabeler", "ablation_widget", "labeler_widget"]

@@ -1,0 +1,225 @@
+"""Figures and tables from metrics.json files: statistics, drawing, saving, a whole sweep dir."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from cnp import figures
+from cnp.io import atomic_torch_save
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _acc(rng, base):
+    return {g: float(np.clip(base + rng.normal(0, 0.05), 0, 1)) for g in ("overall", "c0w0", "c0w1", "c1w0", "c1w1")}
+
+
+def make_metrics(pair="carton-dugong", seed=0, methods=("cnp", "vanilla"), steps=3, K=4, params=None) -> dict:
+    """A metrics.json of the results contract with made-up numbers."""
+    rng = np.random.default_rng(seed)
+    curves = {}
+    for m in methods:
+        c = []
+        for s in range(steps + 1):
+            pruned = 0.8 * s / steps + rng.normal(0, 0.002) * (s > 0)
+            c.append({"pruned": pruned, "acc": _acc(rng, 0.9 - 0.1 * s), "wm_relevance_share": 0.3,
+                      "params": 1000 - 200 * s, "macs": 10000 - 2000 * s, "stage": "step", "step": s})
+        c.append({**c[-1], "stage": "final", "step": steps + 1, "acc": _acc(rng, 0.85)})
+        curves[m] = c
+    return {"pair": pair, "seed": seed, "dataset": "synthetic",
+            "params": {"pair": pair, "seed": seed, "K": K, "step": 0.05, "run_dir": f"x/{seed}", **(params or {})},
+            "unpruned": {"acc": _acc(rng, 0.9), "wm_relevance_share": 0.4},
+            "drsa": {"layer": "conv4_3", "K": K, "d_k": 32, "J": 1.0, "ap_watermark": list(rng.uniform(0.4, 1, K)),
+                     "wm_relevance_share": list(rng.uniform(0, 0.5, K)), "ablated": [K - 1]},
+            "curves": curves, "timings_s": {"warmup": 1.0}}
+
+
+def write_run(run_dir, metrics, heatmaps=True, pruned=True, n=2, K=4, size=12, extra_masks=None):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    if heatmaps:
+        g = torch.Generator().manual_seed(0)
+        masks = torch.zeros(n, size, size, dtype=torch.bool)
+        masks[:, 2:5, 2:8] = True
+        atomic_torch_save(run_dir / "ablate" / "heatmaps.pt", {
+            "index": torch.arange(n), "images": torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+            "masks": masks, "subspaces": torch.randn(n, K, size, size, generator=g),
+            "overall": torch.randn(n, size, size, generator=g), "extra_masks": extra_masks or {}})
+        if pruned:
+            atomic_torch_save(run_dir / "prune" / "heatmaps_cnp.pt", {"overall": torch.randn(n, size, size, generator=g)})
+    return run_dir
+
+
+# ---------------------------------------------------------------------------- statistics
+def test_curve_stats_mean_std_over_seeds_and_final_point():
+    a = [{"pruned": 0.0, "acc": {"overall": 0.8}, "stage": "step", "step": 0},
+         {"pruned": 0.4, "acc": {"overall": 0.6}, "stage": "step", "step": 1},
+         {"pruned": 0.4, "acc": {"overall": 0.7}, "stage": "final", "step": 2}]
+    b = [{"pruned": 0.0, "acc": {"overall": 0.6}, "stage": "step", "step": 0},
+         {"pruned": 0.42, "acc": {"overall": 0.8}, "stage": "step", "step": 1},
+         {"pruned": 0.42, "acc": {"overall": 0.9}, "stage": "final", "step": 2}]
+    s = figures.curve_stats([a, b], "overall")
+    np.testing.assert_allclose(s["pruned"], [0.0, 0.41])
+    np.testing.assert_allclose(s["mean"], [0.7, 0.7])
+    np.testing.assert_allclose(s["std"], [np.std([0.8, 0.6], ddof=1)] * 2)
+    assert list(s["n"]) == [2, 2]
+    assert s["final_mean"] == pytest.approx(0.8) and s["final_n"] == 2 and s["final_pruned"] == pytest.approx(0.41)
+    one = figures.curve_stats([a], "overall")
+    assert list(one["std"]) == [0.0, 0.0] and one["final_std"] == 0.0
+
+
+def test_curve_stats_without_final_and_nan_subgroups():
+    c = [{"pruned": 0.0, "acc": {"overall": 0.5, "c0w1": float("nan")}},
+         {"pruned": 0.5, "acc": {"overall": 0.4, "c0w1": 0.2}}]
+    s = figures.curve_stats([c], "c0w1")
+    assert np.isnan(s["mean"][0]) and s["n"][0] == 0 and s["mean"][1] == pytest.approx(0.2)
+    assert s["final_n"] == 0 and np.isnan(s["final_mean"])
+
+
+def test_at_target_and_method_order():
+    c = make_metrics()["curves"]["cnp"]
+    assert figures.at_target(c)["stage"] == "final"
+    assert figures.at_target(c[:-1]) is c[-2]
+    assert figures.at_target([]) is None
+    assert figures.method_order(["random", "zzz", "vanilla", "cnp"]) == ["cnp", "vanilla", "random", "zzz"]
+
+
+# ---------------------------------------------------------------------------- drawing and saving
+@pytest.mark.parametrize("methods,seeds", [(("cnp",), [0]), (("cnp", "vanilla", "l1", "random"), [0, 1, 2])])
+def test_fig_accuracy_one_or_many_seeds_and_methods(tmp_path, methods, seeds):
+    ms = [make_metrics(seed=s, methods=methods) for s in seeds]
+    fig = figures.fig_accuracy(figures.group_curve_stats(ms, "overall"), figures.group_curve_stats(ms, "c0w1"),
+                               title="t", n_seeds=len(seeds))
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert len(fig.axes[0].get_legend().get_texts()) == len(methods)
+    paths = figures.save_figure(fig, tmp_path / "out", "acc")
+    assert [p.name for p in paths] == ["acc.png", "acc.pdf"]
+    assert paths[0].read_bytes().startswith(PNG_MAGIC) and paths[1].read_bytes().startswith(b"%PDF")
+    assert not list((tmp_path / "out").glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_fig_subspaces_layout_with_pruned_column_and_titles():
+    n, K, H = 3, 4, 10
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (n, 3, H, H), dtype=np.uint8)  # CHW is accepted too
+    masks = np.zeros((n, H, H), bool)
+    masks[:, :3] = True
+    ball = np.zeros((n, H, H), bool)
+    ball[:, 5:] = True
+    sub = rng.normal(size=(n, K, H, H))
+    fig = figures.fig_subspaces(images, sub.sum(1), sub, pruned=rng.normal(size=(n, H, H)), masks=masks,
+                                extra_masks={"ball": ball}, ablated=[2], ap=[0.5, 0.6, 0.99, 0.4], max_images=2)
+    assert len(fig.axes) == 2 * (2 + K + 1)
+    titles = [ax.get_title() for ax in fig.axes[: 2 + K + 1]]
+    assert titles[0] == "image" and "ablated" in titles[4] and "AP(wm) 0.99" in titles[4]
+    assert "ball share" in titles[2] and "wm share" in titles[2] and titles[-1] == "after CNP pruning"
+    assert figures.figure_png(fig).startswith(PNG_MAGIC)
+    zero = figures.fig_subspaces(images, sub.sum(1), sub, pruned=np.zeros((n, H, H)), max_images=1)
+    assert "no relevance" in zero.axes[-1].texts[0].get_text()
+
+
+def test_mask_share_np_matches_definition():
+    h = np.array([[[1.0, -2.0], [3.0, 0.0]]])
+    m = np.array([[[True, True], [False, False]]])
+    assert figures.mask_share_np(h, m)[0] == pytest.approx(1 / 4)
+    assert figures.mask_share_np(-h.clip(0), m)[0] == 0.0
+
+
+def test_fig_examples_and_history():
+    imgs = np.zeros((6, 8, 8, 3), np.uint8)
+    fig = figures.fig_examples(imgs, ["c0w0", "c1w1", "c1w1", "c0w1", "c0w0", "c1w1"], per_group=2)
+    assert len(fig.axes) == 3 * 2
+    assert len(figures.fig_history([3.0, 2.0, 1.0]).axes) == 1
+
+
+# ---------------------------------------------------------------------------- tables
+def test_tables_markdown_and_csv():
+    runs = [figures.RunRecord("carton-dugong", "carton-dugong", s, None, make_metrics(seed=s)) for s in (0, 1)]
+    rows = figures.table_subspaces(runs)
+    assert len(rows) == 8 and rows[3]["ablated"] == "yes" and rows[0]["ablated"] == ""
+    md = figures.to_markdown(rows)
+    assert md.splitlines()[0].startswith("| group | seed | subspace | AP_watermark")
+    parsed = list(csv.DictReader(io.StringIO(figures.to_csv(rows))))
+    assert len(parsed) == 8 and parsed[0]["subspace"] == "0"
+    summary = figures.table_summary(figures.group_runs(runs))
+    assert [r["method"] for r in summary] == ["unpruned", "cnp", "vanilla"]
+    assert "±" in summary[1]["overall"] and summary[1]["seeds"] == 2
+
+
+def test_table_summary_names_the_varied_parameters():
+    a = [figures.RunRecord("cd/K-4", "carton-dugong", 0, None, make_metrics(params={"K": 4}))]
+    b = [figures.RunRecord("cd/K-8", "carton-dugong", 0, None, make_metrics(params={"K": 8}))]
+    rows = figures.table_summary({"cd/K-4": a, "cd/K-8": b})
+    assert "K" in rows[0] and {r["K"] for r in rows} == {4, 8}
+    assert "step" not in rows[0]  # the same everywhere: not a column
+    assert rows[1]["overall"].count("±") == 0  # one seed: no std shown
+
+
+def test_run_and_subspace_markdown():
+    m = make_metrics()
+    md = figures.run_markdown(m)
+    assert md.count("\n") == 2 + 1 + 2 and "| cnp | 0.80 |" in md
+    s = figures.subspace_markdown([0.5, 0.9], [0.1, 0.6], [1])
+    assert "| U_1 | 0.900 | 0.600 | yes |" in s
+    assert "overall" in figures.acc_markdown(m["unpruned"]["acc"], 0.4)
+
+
+# ---------------------------------------------------------------------------- a sweep directory
+def test_make_all_paper_names_and_missing_pieces(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for s in (0, 1):
+        write_run(sweep / "carton-dugong" / f"seed{s}", make_metrics("carton-dugong", s))
+    write_run(sweep / "crate-packet" / "seed0", make_metrics("crate-packet", 0), heatmaps=False)
+    (sweep / "broken" / "seed0").mkdir(parents=True)
+    (sweep / "broken" / "seed0" / "metrics.json").write_text("{not json")
+    out = tmp_path / "figs"
+    written = figures.make_all(sweep, out)
+    log = capsys.readouterr().out
+    assert "Figure 1" in log and "skipped" in log and "unreadable" in log
+    assert "crate-packet: no heatmaps" in log
+    assert set(written) == {"fig3_accuracy_carton-dugong", "fig2_subspaces_carton-dugong",
+                            "fig4_accuracy_crate-packet", "table_subspaces", "table_summary"}
+    for paths in written.values():
+        assert all(p.exists() and p.stat().st_size > 0 and p.parent == out for p in paths)
+    md = (out / "table_summary.md").read_text()
+    assert "carton-dugong" in md and "crate-packet" in md
+
+
+def test_make_all_figure1_and_grid_groups(tmp_path):
+    sweep = tmp_path / "sweep"
+    n, size = 2, 12
+    ball = torch.zeros(n, size, size, dtype=torch.bool)
+    ball[:, 6:] = True
+    write_run(sweep / "basketball" / "seed0", make_metrics("basketball", 0), extra_masks={"ball": ball})
+    write_run(sweep / "carton-dugong" / "K-8" / "seed0", make_metrics("carton-dugong", 0, params={"K": 8}, K=8), K=8)
+    write_run(sweep / "carton-dugong" / "K-4" / "seed0", make_metrics("carton-dugong", 0, params={"K": 4}))
+    runs = figures.load_runs(sweep)
+    assert sorted(r.label for r in runs) == ["basketball", "carton-dugong/K-4", "carton-dugong/K-8"]
+    written = figures.make_all(runs, tmp_path / "figs", verbose=False)
+    assert "fig1_basketball" in written
+    # two groups of one pair: generic names, no paper numbers
+    assert {"accuracy_carton-dugong_K-4", "subspaces_carton-dugong_K-8"} <= set(written)
+    assert not any(k.startswith("fig3") for k in written)
+
+
+def test_make_all_with_nothing(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert figures.make_all(tmp_path / "empty", tmp_path / "figs") == {}
+    assert "no finished runs" in capsys.readouterr().out
+    with pytest.raises(figures.CNPError):
+        figures.load_runs(tmp_path / "missing")
+
+
+def test_load_heatmaps_arrays(tmp_path):
+    d = write_run(tmp_path / "r", make_metrics(), n=3, K=4, size=12)
+    h = figures.load_heatmaps(d)
+    assert h["images"].shape == (3, 12, 12, 3) and h["images"].dtype == np.uint8
+    assert h["subspaces"].shape == (3, 4, 12, 12) and h["pruned"].shape == (3, 12, 12)
+    assert figures.load_heatmaps(tmp_path / "nothing") is None

@@ -1,0 +1,193 @@
+"""The performance changes compute exactly what the straightforward code computes.
+
+Timing lives in ``bench/`` (never in tests); these tests pin the *results* of the faster paths:
+the vectorised global filter selection against the sequential walk, ZPlus against
+AlphaBeta(1, 0), the single per-filter aggregate against both, the device copies of a split,
+the copy-free content hash and the stage breakdown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from zennit.rules import AlphaBeta
+
+from cnp.data.splits import Split, normalize_images
+from cnp.io import CNPError, tensor_hash
+from cnp.lrp import LRP, LRPConfig, make_rule
+from cnp.pruning.ranking import lrp_filter_scores, normalise_per_layer, select_filters
+from cnp.runtime import stage_breakdown
+
+
+def _select_sequential(scores, n_remove, protected, min_keep=1, normalise=True, normalisation="mean"):
+    """The selection as a plain walk over the global order (the definition)."""
+    vals = normalise_per_layer(scores, normalisation) if normalise else scores
+    cand = [(float(v[f]), li, f) for li, v in enumerate(vals) if li not in protected for f in range(v.numel())]
+    order = sorted(range(len(cand)), key=lambda j: cand[j][0])  # Python's sort is stable
+    budget = {li: int(v.numel()) - min_keep for li, v in enumerate(vals)}
+    chosen: dict[int, list[int]] = {}
+    for j in order:
+        if sum(len(v) for v in chosen.values()) >= n_remove:
+            break
+        _, li, f = cand[j]
+        if budget[li] > 0:
+            budget[li] -= 1
+            chosen.setdefault(li, []).append(f)
+    if sum(len(v) for v in chosen.values()) < n_remove:
+        raise CNPError("too few")
+    return {li: sorted(v) for li, v in chosen.items()}
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_vectorised_selection_equals_the_sequential_walk(trial):
+    g = torch.Generator().manual_seed(trial)
+    n_layers = int(torch.randint(2, 14, (1,), generator=g))
+    widths = torch.randint(1, 10, (n_layers,), generator=g).tolist()
+    scores = [torch.rand(w, generator=g, dtype=torch.float64) for w in widths]
+    if trial % 3 == 0:
+        scores = [(s * 3).floor() for s in scores]  # many ties, all-zero layers
+    protected = {0} if trial % 4 == 1 else set()
+    min_keep = trial % 3
+    n_remove = int(torch.randint(0, sum(widths) + 1, (1,), generator=g))
+    try:
+        want = _select_sequential(scores, n_remove, protected, min_keep)
+    except CNPError:
+        with pytest.raises(CNPError, match="filters can be removed while keeping"):
+            select_filters(scores, n_remove, protected, min_keep)
+        return
+    got = select_filters(scores, n_remove, protected, min_keep)
+    assert list(got) == list(want)  # same layers, in the order the walk first reached them
+    assert {k: v.tolist() for k, v in got.items()} == want
+    assert all(v.dtype == torch.long for v in got.values())
+
+
+def test_alpha1beta0_rule_is_zennit_alphabeta_to_the_bit(tiny_vgg, tiny_x):
+    """cnp uses zennit's ZPlus for alpha1beta0: two modified passes instead of AlphaBeta's four."""
+    cfg = LRPConfig()
+    rule = make_rule("alpha1beta0", cfg)
+    assert len(rule.input_modifiers) == 2
+    fast = LRP(tiny_vgg, cfg).attribute(tiny_x, 1, filters=True)
+
+    import cnp.lrp as lrp_mod
+
+    real = lrp_mod.make_rule
+
+    def slow_rule(spec, c, device=None):
+        if spec == "alpha1beta0":
+            return AlphaBeta(alpha=1.0, beta=0.0, stabilizer=c.stabilizer, zero_params="bias")
+        return real(spec, c, device)
+
+    lrp_mod.make_rule = slow_rule
+    try:
+        slow = LRP(tiny_vgg, cfg).attribute(tiny_x, 1, filters=True)
+    finally:
+        lrp_mod.make_rule = real
+    assert torch.equal(fast.input_relevance, slow.input_relevance)
+    for k in slow.filter_relevance:
+        assert torch.equal(fast.filter_relevance[k], slow.filter_relevance[k])
+        assert torch.equal(fast.filter_relevance_abs[k], slow.filter_relevance_abs[k])
+
+
+def test_single_filter_aggregate_equals_both(tiny_vgg, tiny_x):
+    lrp = LRP(tiny_vgg)
+    both = lrp.attribute(tiny_x, 1, filters=True)
+    signed = lrp.attribute(tiny_x, 1, filters="signed")
+    absolute = lrp.attribute(tiny_x, 1, filters="abs")
+    assert signed.filter_relevance_abs == {} and absolute.filter_relevance == {}
+    assert list(signed.filter_relevance) == list(both.filter_relevance) and len(both.filter_relevance) == 13
+    for k in both.filter_relevance:
+        assert torch.equal(signed.filter_relevance[k], both.filter_relevance[k])
+        assert torch.equal(absolute.filter_relevance_abs[k], both.filter_relevance_abs[k])
+    assert lrp.attribute(tiny_x, 1).filter_relevance == {}
+    with pytest.raises(CNPError, match="filters must be"):
+        lrp.attribute(tiny_x, 1, filters="both")
+
+
+def _split(n=10, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Split(images=torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+                 labels=torch.arange(n) % 2, wm=torch.arange(n) % 3 == 0,
+                 masks=torch.rand(n, size, size, generator=g) > 0.7)
+
+
+@pytest.mark.parametrize("aggregation", ["abs", "abs_of_sum", "signed"])
+@pytest.mark.parametrize("ranking_data", ["pos", "pos+neg"])
+def test_ranking_scores_equal_a_per_batch_sum(tiny_vgg, aggregation, ranking_data):
+    split = _split(9)
+    data = split.positives() if ranking_data == "pos" else split
+    want = [torch.zeros(w, dtype=torch.float64) for w in tiny_vgg.conv_widths]
+    lrp = LRP(tiny_vgg)
+    names = [n for n, m in tiny_vgg.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    for start in range(0, len(data), 2):
+        out = lrp.attribute(normalize_images(data.images[start:start + 2]), 1, filters=True)
+        for i, n in enumerate(names):
+            r = out.filter_relevance[n]
+            v = {"abs": out.filter_relevance_abs[n], "abs_of_sum": r.abs(), "signed": r}[aggregation]
+            want[i] += v.sum(0).double()
+    got = lrp_filter_scores(tiny_vgg, split, ranking_data=ranking_data, aggregation=aggregation, batch_size=2)
+    assert all(torch.equal(a, b) and a.device.type == "cpu" for a, b in zip(got, want))
+
+
+def test_split_device_copies_are_made_once_and_refreshed():
+    split = _split()
+    assert split.on_device("images", "cpu") is split.images  # the CPU needs no copy
+    assert split.device_images(None) is split.images
+    a = split.on_device("images", "meta")
+    assert a.device.type == "meta" and a.shape == split.images.shape and a.dtype == torch.uint8
+    assert split.on_device("images", "meta") is a  # kept
+    assert split.on_device("masks", "meta") is not a
+    split.images[0, 0, 0, 0] ^= 1  # modified in place: copied again
+    b = split.on_device("images", "meta")
+    assert b is not a
+    split.images = split.images.clone()  # replaced: copied again
+    assert split.on_device("images", "meta") is not b
+    split.release_device()
+    assert split._device_cache == {}
+    # the cache is not part of the split's content
+    other = _split()
+    other.on_device("labels", "meta")
+    assert "_device_cache" not in repr(other) and other.fingerprint() == _split().fingerprint()
+    assert split.subset([0, 1])._device_cache == {}
+
+
+def test_batches_unchanged_and_index_on_cpu():
+    split = _split(11)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    order = torch.randperm(11, generator=g1)
+    got = list(split.batches(4, shuffle=True, generator=g2, device="cpu", with_index=True))
+    assert [len(y) for _, y, _ in got] == [4, 4, 3]
+    for k, (x, y, idx) in enumerate(got):
+        want = order[4 * k:4 * k + 4]
+        assert torch.equal(idx, want) and idx.device.type == "cpu"
+        assert torch.equal(x, normalize_images(split.images[want])) and torch.equal(y, split.labels[want])
+
+
+def test_fingerprint_is_cached_until_the_content_changes():
+    split = _split()
+    f = split.fingerprint()
+    assert split.fingerprint() == f == _split().fingerprint()
+    split.labels[0] = 1 - split.labels[0]
+    assert split.fingerprint() != f
+
+
+def test_tensor_hash_is_the_hash_of_the_bytes():
+    ts = [torch.arange(12, dtype=torch.float32).view(3, 4).t(), torch.zeros(0), torch.tensor([True, False]),
+          torch.randint(0, 256, (2, 3), dtype=torch.uint8)]
+    h = hashlib.sha256()
+    for t in ts:
+        t = t.contiguous()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    assert tensor_hash(*ts) == h.hexdigest()[:16]
+
+
+def test_stage_breakdown():
+    text = stage_breakdown({"warmup": 2.0, "prune:cnp": 10.0}, {"prune:cnp": {"rank": 4.0, "fine-tune": 6.0}},
+                           cached={"warmup"}, title="T")
+    lines = text.splitlines()
+    assert lines[0] == "T"
+    assert "warmup" in lines[1] and "not rerun" in lines[1]
+    assert "rank" in lines[3] and "40.0 %" in lines[3]
+    assert lines[-1].split()[:2] == ["total", "12.0"]

@@ -1,0 +1,276 @@
+"""Sweeps: planning, the resume check, the notebooks' parameter cells, and a real two-run sweep
+through papermill that is killed mid-run, restarted, and must neither redo nor lose anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from cnp import sweep
+from cnp.io import CNPError
+from cnp.pipeline import Params, make_params
+
+REPO = Path(__file__).resolve().parents[1]
+NB_DIR = REPO / "notebooks"
+ALL_NOTEBOOKS = (*sweep.RUN_NOTEBOOKS, sweep.FIGURES_NOTEBOOK)
+
+
+# ============================================================================ planning
+def test_parse_values_and_assignments():
+    assert sweep.parse_value("0.1") == 0.1 and sweep.parse_value("true") is True
+    assert sweep.parse_value("True") is True and sweep.parse_value("[1, 2]") == [1, 2]
+    assert sweep.parse_value("cnp,vanilla") == "cnp,vanilla" and sweep.parse_value("pos+neg") == "pos+neg"
+    assert sweep.parse_assignments(["step=0.1", "methods=cnp,l1", "smoke=1"]) == \
+        {"step": 0.1, "methods": "cnp,l1", "smoke": 1}
+    with pytest.raises(CNPError, match="did you mean 'step'"):
+        sweep.parse_assignments(["stpe=0.1"])
+    with pytest.raises(CNPError, match="name=value"):
+        sweep.parse_assignments(["step"])
+    with pytest.raises(CNPError, match="--seeds"):
+        sweep.parse_assignments(["seed=3"])
+    assert sweep.parse_grid(["K=4,8,16", "ranking_data=pos,pos+neg"]) == \
+        {"K": [4, 8, 16], "ranking_data": ["pos", "pos+neg"]}
+
+
+def test_table1_grid_product_and_one_at_a_time():
+    full = sweep.expand_grid(sweep.TABLE1_GRID)
+    assert len(full) == 3 * 3 * 4 * 2 * 2
+    oat = sweep.expand_grid(sweep.TABLE1_GRID, "one-at-a-time", sweep.TABLE1_SELECTED)
+    assert len(oat) == 1 + 2 + 2 + 3 + 1 + 1 and oat[0] == sweep.TABLE1_SELECTED
+    names = {sweep.variant_name(p) for p in full}
+    assert len(names) == len(full)  # every grid point has its own directory
+    assert sweep.variant_name({"K": 8, "ranking_data": "pos+neg", "step": 0.1}) == "K-8_rank-pos-neg_step-0.1"
+    with pytest.raises(CNPError, match="grid mode"):
+        sweep.expand_grid({"K": [4]}, "random")
+
+
+def test_plan_layout(tmp_path):
+    jobs = sweep.plan(["carton-dugong", "crate-packet"], [0, 1], tmp_path, {"step": 0.1})
+    assert [(j.pair, j.seed) for j in jobs] == [("carton-dugong", 0), ("carton-dugong", 1),
+                                                 ("crate-packet", 0), ("crate-packet", 1)]
+    assert jobs[1].run_dir == str(tmp_path / "carton-dugong" / "seed1") and jobs[1].overrides == {"step": 0.1}
+    grid = sweep.plan(["basketball"], [0], tmp_path, {}, {"K": [4, 8], "lrp_variant": ["gamma"]})
+    assert [Path(j.run_dir).relative_to(tmp_path).as_posix() for j in grid] == \
+        ["basketball/K-4_lrp-gamma/seed0", "basketball/K-8_lrp-gamma/seed0"]
+    assert grid[1].overrides == {"K": 8, "lrp_variant": "gamma"} and grid[1].label == "basketball/K-8_lrp-gamma"
+    per_pair = sweep.plan(["basketball", "carton-dugong"], [0], tmp_path, {"step": 0.1, "ablate": "auto"},
+                          pair_params={"basketball": {"ablate": "3"}})
+    assert per_pair[0].overrides == {"step": 0.1, "ablate": "3"} and per_pair[1].overrides["ablate"] == "auto"
+    with pytest.raises(CNPError, match="no pairs"):
+        sweep.plan([], [0], tmp_path)
+
+
+def test_resume_check_compares_parameters(tmp_path):
+    job = sweep.plan(["carton-dugong"], [0], tmp_path, {"smoke": True})[0]
+    assert sweep.job_status(job) == ("todo", "no metrics.json")
+    p = make_params(**job.all_params()).to_dict()
+    run = Path(job.run_dir)
+    run.mkdir(parents=True)
+    # run_dir, device and threads do not change results: still the same run
+    (run / "metrics.json").write_text(json.dumps({"params": {**p, "run_dir": "/elsewhere", "threads": 7}}))
+    assert sweep.job_status(job) == ("done", "")
+    (run / "metrics.json").write_text(json.dumps({"params": {**p, "step": 0.3}}))
+    assert sweep.job_status(job)[0] == "todo"
+    (run / "metrics.json").write_text("{trunc")
+    assert sweep.job_status(job) == ("todo", "metrics.json unreadable")
+    bad = sweep.plan(["nosuchpair"], [0], tmp_path)[0]
+    status, why = sweep.job_status(bad)
+    assert status == "invalid" and "unknown pair" in why
+
+
+def test_cli_dry_run_and_usage_errors(tmp_path, capsys):
+    assert sweep.main(["--preset", "table1", "--pairs", "carton-dugong", "--out", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "144 run(s)" in out and "carton-dugong/K-16_lrp-gamma_ep-10_rank-pos-neg_step-0.1" in out
+    assert sweep.main(["--preset", "reproduce", "--out", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{3 * len(sweep.REPRODUCE_SEEDS)} run(s)" in out and "basketball" in out
+    assert sweep.main(["--pairs", "carton-dugong", "--seeds", "0", "-p", "stpe=1", "--dry-run"]) == 2
+    assert "unknown parameter 'stpe'" in capsys.readouterr().err
+    assert sweep.main(["--seeds", "0", "--dry-run"]) == 2
+
+
+def test_summary_rows_read_metrics(tmp_path):
+    from test_figures import make_metrics
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps(make_metrics()))
+    results = [{"label": "carton-dugong", "seed": 0, "status": "done", "seconds": 12.0, "run_dir": str(tmp_path / "a")},
+               {"label": "x", "seed": 1, "status": "failed", "seconds": 1.0, "run_dir": str(tmp_path / "b")}]
+    rows, cols = sweep.summary_rows(results)
+    assert cols == ["run", "seed", "status", "time_s", "cnp overall", "cnp c0w1", "vanilla overall", "vanilla c0w1"]
+    assert rows[0]["cnp c0w1"] and rows[1]["cnp c0w1"] == ""
+    assert sweep.format_table(rows, cols).splitlines()[0].startswith("run")
+
+
+# ============================================================================ notebooks
+def _parameters_cell(name: str):
+    nb = nbformat.read(NB_DIR / name, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    return nb, cells
+
+
+@pytest.mark.parametrize("name", ALL_NOTEBOOKS)
+def test_notebooks_are_stripped_with_one_parameters_cell(name):
+    nb, cells = _parameters_cell(name)
+    assert len(cells) == 1 and cells[0].cell_type == "code"
+    assert nb.metadata["kernelspec"]["name"] == "cnp"
+    for c in nb.cells:
+        if c.cell_type == "code":
+            assert c.outputs == [] and c.execution_count is None, f"{name}: commit notebooks without outputs"
+
+
+def test_run_notebooks_share_their_parameters_and_defaults(monkeypatch):
+    sources = {n: _parameters_cell(n)[1][0].source for n in sweep.RUN_NOTEBOOKS}
+    assert len(set(sources.values())) == 1, "notebooks 01-05 must have identical parameters cells"
+    monkeypatch.delenv("CNP_SMOKE", raising=False)
+    ns: dict = {}
+    exec(sources[sweep.RUN_NOTEBOOKS[0]], ns)
+    declared = sweep.notebook_parameter_names(NB_DIR / sweep.RUN_NOTEBOOKS[0])
+    known = {f.name for f in fields(Params)}
+    assert declared - known == {"extra"}
+    defaults = Params()
+    for name in declared - {"extra"}:
+        if ns[name] is not None and name not in ("run_dir", "methods"):
+            assert ns[name] == getattr(defaults, name), f"parameters cell default of {name} != Params default"
+    assert tuple(ns["methods"].split(",")) == defaults.methods and ns["smoke"] is False
+    assert {"step", "target", "epochs_per_step"} <= {k for k in declared if ns[k] is None}  # smoke sizes apply
+    assert sweep.notebook_parameter_names(NB_DIR / sweep.FIGURES_NOTEBOOK) == {"sweep_dir", "figures_dir"}
+
+
+def test_notebook_params_resolves_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("CNP_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("CNP_THREADS", "1")
+    ns = {"pair": "crate-packet", "seed": 2, "step": None, "smoke": True, "run_dir": "", "threads": 0,
+          "extra": {"drsa_steps": 7}, "unrelated": 1}
+    p = sweep.notebook_params(ns)
+    assert p.step == 0.4 and p.drsa_steps == 7 and p.threads == 1  # smoke size, extra, $CNP_THREADS
+    assert p.run_path == tmp_path / "runs" / "smoke" / "crate-packet" / "seed2"
+    assert sweep.notebook_params({"pair": "basketball"}).run_path == tmp_path / "runs" / "basketball" / "seed0"
+    with pytest.raises(CNPError, match="target"):
+        sweep.notebook_params({"target": 1.5})
+    with pytest.raises(CNPError, match="extra"):
+        sweep.notebook_params({"extra": [1]})
+
+
+def test_injected_parameters_put_the_rest_in_extra():
+    nb = NB_DIR / sweep.RUN_NOTEBOOKS[0]
+    got = sweep.injected_parameters(nb, {"pair": "basketball", "step": 0.1, "drsa_steps": 9})
+    assert got == {"pair": "basketball", "step": 0.1, "extra": {"drsa_steps": 9}}
+    with pytest.raises(CNPError, match="no 'extra'"):
+        sweep.injected_parameters(NB_DIR / sweep.FIGURES_NOTEBOOK, {"pair": "x"})
+
+
+# ============================================================================ end to end
+@pytest.fixture(scope="module")
+def sweep_env(tmp_path_factory):
+    """Environment of the sweep subprocesses: a fresh cache for this module, one thread."""
+    sweep.check_kernel()  # fails with the fix (make .venv) when the 'cnp' kernel is missing
+    cache = tmp_path_factory.mktemp("cnp_cache")
+    env = {**os.environ, "CNP_CACHE": str(cache), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "CNP_THREADS": "1", "CNP_PROGRESS": "0", "PYTHONHASHSEED": "0"}
+    env.pop("CNP_SMOKE", None)
+    return env
+
+
+def _cmd(out: Path, figs: Path, pairs, *extra) -> list[str]:
+    return [sys.executable, "-m", "cnp.sweep", "--pairs", *pairs, "--seeds", "0", "1", "-p", "smoke=1",
+            "--workers", "1", "--threads", "1", "--out", str(out), "--figures", str(figs), *extra]
+
+
+def _mtimes(paths) -> dict[str, int]:
+    paths = [Path(p) for p in paths]
+    return {str(p): p.stat().st_mtime_ns for p in paths if p.is_file()}
+
+
+@pytest.mark.slow
+def test_sweep_killed_mid_run_resumes_without_redoing_work(tmp_path, sweep_env):
+    out, figs = tmp_path / "sweep", tmp_path / "figs"
+    run0, run1 = out / "carton-dugong" / "seed0", out / "carton-dugong" / "seed1"
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(_cmd(out, figs, ["carton-dugong"]), cwd=REPO, env=sweep_env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    # kill it (the whole process group, SIGKILL) once run 0 is finished and run 1 has finished a stage
+    marker = run1 / "warmup" / "summary.json"
+    deadline = time.monotonic() + 300
+    try:
+        while not ((run0 / "metrics.json").exists() and marker.exists()):
+            assert proc.poll() is None, "the sweep ended before it could be killed:\n" + (tmp_path / "first.log").read_text()
+            assert time.monotonic() < deadline, "the sweep made no progress"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    time.sleep(2.5)  # an orphaned kernel notices its parent is gone (ipykernel polls every second)
+    assert not (run1 / "metrics.json").exists()
+    before = _mtimes(run0.rglob("*"))
+    before_run1 = _mtimes([marker, run1 / "warmup" / "model.pt"])
+    assert len(before) > 10 and len(before_run1) == 2
+
+    # restart, with a failing run first: it keeps its notebook, the others go on
+    res = subprocess.run(_cmd(out, figs, ["nosuchpair", "carton-dugong"]), cwd=REPO, env=sweep_env,
+                         capture_output=True, text=True, timeout=400)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "FAILED nosuchpair seed 0: CNPError: unknown pair 'nosuchpair'" in res.stdout
+    bad_nb = nbformat.read(out / "nosuchpair" / "seed0" / "01_warmup.ipynb", as_version=4)
+    errors = [o for c in bad_nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert errors and errors[0].ename == "CNPError"
+    # nothing finished was redone, nothing was lost
+    assert _mtimes(before_run1) == before_run1 and _mtimes(before) == before
+    rows = {line.split()[0] + line.split()[1]: line for line in res.stdout.splitlines()
+            if line.startswith(("carton-dugong ", "nosuchpair "))}
+    assert "skipped" in rows["carton-dugong0"] and " done " in rows["carton-dugong1"]
+    metrics = json.loads((run1 / "metrics.json").read_text())
+    assert metrics["seed"] == 1 and {"cnp", "vanilla"} <= set(metrics["curves"])
+    for name in sweep.RUN_NOTEBOOKS:
+        nb = nbformat.read(run1 / name, as_version=4)
+        assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert (out / sweep.FIGURES_NOTEBOOK).exists()
+    for f in ("fig2_subspaces_carton-dugong", "fig3_accuracy_carton-dugong"):
+        assert (figs / f"{f}.png").stat().st_size > 0 and (figs / f"{f}.pdf").stat().st_size > 0
+    assert "seeds | " in (figs / "table_summary.md").read_text()
+
+    # the same sweep again: everything is up to date
+    done = _mtimes([run0 / "metrics.json", run1 / "metrics.json"])
+    res = subprocess.run(_cmd(out, figs, ["carton-dugong"], "--no-figures"), cwd=REPO, env=sweep_env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "2 skipped (up to date), 0 failed" in res.stdout and _mtimes(done) == done
+
+
+def _fake_done(job) -> None:
+    """Write a metrics.json that makes ``job`` up to date (no pipeline needed)."""
+    d = Path(job.run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.json").write_text(json.dumps({"params": make_params(**job.all_params()).to_dict(), "curves": {}}))
+
+
+def test_process_pool_workers(tmp_path):
+    jobs = sweep.plan(["carton-dugong", "crate-packet"], [0], tmp_path, {"smoke": True})
+    for j in jobs:
+        _fake_done(j)
+    res = sweep.run_local(jobs, workers=2, threads=1, kernel=sweep.KERNEL, notebooks=NB_DIR)
+    assert [(r["label"], r["status"]) for r in res] == [("carton-dugong", "skipped"), ("crate-packet", "skipped")]
+
+
+@pytest.mark.slow
+def test_submitit_local_executor(tmp_path, sweep_env):
+    pytest.importorskip("submitit")
+    out = tmp_path / "sweep"
+    _fake_done(sweep.plan(["carton-dugong"], [0], out, {"smoke": 1})[0])
+    cmd = [sys.executable, "-m", "cnp.sweep", "--pairs", "carton-dugong", "nosuchpair", "--seeds", "0", "-p", "smoke=1",
+           "--threads", "1", "--out", str(out), "--no-figures", "--executor", "submitit", "--cluster", "local"]
+    res = subprocess.run(cmd, cwd=REPO, env=sweep_env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "1 skipped (up to date), 1 failed" in res.stdout and "unknown pair 'nosuchpair'" in res.stdout
+    assert (out / "nosuchpair" / "seed0" / "01_warmup.ipynb").exists() and any((out / ".submitit").iterdir())
