@@ -13,8 +13,10 @@ interleaved (one call of each variant per round, median over rounds):
 * ``zennit ZPlus``       the same composite with ``ZPlus`` (= alpha1beta0 with two instead of four
                          modified passes per conv; what ``cnp.lrp`` uses for ``alpha1beta0``);
 * ``cnp filters=False``  ``LRP.attribute`` without per-filter collection;
-* ``cnp filters=True``   ``LRP.attribute(..., filters=True)``: per-filter relevance of every conv
-                         (what the ranking runs).
+* ``cnp filters=True``   ``LRP.attribute(..., filters=True)``: both per-filter sums (signed and
+                         absolute) of every conv (the judged variant);
+* ``cnp ranking``        ``filters='abs'``: only the sum the default ranking uses (what
+                         :func:`cnp.pruning.lrp_filter_scores` runs).
 
 The relative difference of cnp's input relevance to zennit's (AlphaBeta) is printed as a check
 that the variants compute the same thing.
@@ -154,6 +156,7 @@ def main(argv=None) -> dict:
         "zennit ZPlus": zennit_fn(True),
         "cnp filters=False": cnp_fn(False),
         "cnp filters=True": cnp_fn(True),
+        "cnp ranking (filters='abs')": cnp_fn("abs"),
     }
     times = {k: [] for k in variants}
     outs = {}
@@ -184,13 +187,13 @@ def main(argv=None) -> dict:
           f"torch {torch.__version__}, threads={torch.get_num_threads()}, load average {load[0]:.2f} "
           f"{load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores, median of {repeats} rounds")
     print(f"target: time(cnp filters=True) <= {TARGET_OVERHEAD:.2f} x time(zennit's own attribution)")
-    hdr = f"{'variant':<24s} {'ms/batch':>10s} {'img/s':>9s} {'vs zennit':>9s} {'rel diff':>9s}"
+    hdr = f"{'variant':<28s} {'ms/batch':>10s} {'img/s':>9s} {'vs zennit':>9s} {'rel diff':>9s}"
     print(hdr)
     print("-" * len(hdr))
     rows = []
     for name in variants:
         rd = rel_diff(name) if name.startswith(("zennit", "cnp")) else None
-        print(f"{name:<24s} {1e3 * med[name]:10.1f} {batch / med[name]:9.1f} {med[name] / base:8.2f}x "
+        print(f"{name:<28s} {1e3 * med[name]:10.1f} {batch / med[name]:9.1f} {med[name] / base:8.2f}x "
               f"{'-' if rd is None else f'{rd:9.1e}':>9s}")
         rows.append({"variant": name, "median_s": med[name], "images_per_s": batch / med[name],
                      "vs_zennit": med[name] / base, "rel_diff_to_zennit": rd, "times_s": times[name]})

@@ -2,7 +2,7 @@
 # The CPU benchmarks of issue 7, and one table of their figures next to the targets.
 #
 #   bash bench/run_cpu.sh                 # about 10 minutes on 2 cores
-#   bash bench/run_cpu.sh --embedded      # + one CNP run of the embedded default (reduced VGG-16, 48 px)
+#   bash bench/run_cpu.sh --embedded      # + CNP and vanilla runs of the embedded default (reduced VGG-16, 48 px)
 #   THREADS=1 bash bench/run_cpu.sh       # torch threads (default 2, what the CPU targets assume)
 #
 # Writes bench/results/cpu-<date>/*.json, bench/results/cpu-<date>.md (machine: CPU model,
@@ -42,7 +42,7 @@ step "$PY" bench/bench_lrp.py --threads "$THREADS" --model full --batch 4 --repe
 step "$PY" bench/bench_drsa.py --quick --threads "$THREADS" --device cpu --out "$RES/drsa_quick.json"
 step "$PY" bench/bench_full_run.py --preset quick --threads "$THREADS" --device cpu --out "$RES/full_run_quick.json"
 if [[ $EMBEDDED == 1 ]]; then
-  step "$PY" bench/bench_full_run.py --preset embedded --methods cnp --threads "$THREADS" --device cpu \
+  step "$PY" bench/bench_full_run.py --preset embedded --threads "$THREADS" --device cpu \
     --out "$RES/full_run_embedded.json"
 fi
 

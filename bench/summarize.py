@@ -67,7 +67,7 @@ def rows_for(folder: Path) -> list[dict]:
         rate = next(r for r in d["rows"] if r["variant"] == "cnp filters=True")["images_per_s"]
         zen = next(r for r in d["rows"] if r["variant"].startswith("zennit AlphaBeta"))["images_per_s"]
         add(f"LRP ranking, {d['model']} VGG-16 {d['size']} px, batch {d['batch']}: cnp filters=True / zennit",
-            f"{d['ratio_vs_zennit']:.3f} ({rate:.1f} vs {zen:.1f} img/s)", "<= 1.10", d["pass"], where,
+            f"{d['ratio_vs_zennit']:.3f} ({rate:.3g} vs {zen:.3g} img/s)", "<= 1.10", d["pass"], where,
             f"vs zennit ZPlus {d['ratio_vs_zennit_zplus']:.3f}; collection {d['collection_overhead']:.3f}")
     for d in _load(folder, "full_run"):
         where = f"{d['device']} ({d['device_name']})"

@@ -15,16 +15,62 @@ from cnp.lrp import LRP, LRPConfig
 from cnp.training import predict_logits
 
 
-def subgroup_accuracy(model: nn.Module, split: Split, device: torch.device | str = "cpu",
-                      batch_size: int = 256) -> dict[str, float]:
-    """Accuracy overall (all images of ``split``) and per subgroup (NaN for an empty subgroup)."""
-    logits = predict_logits(model, split.device_images(device), batch_size=batch_size, device=device)
+def _accuracy(logits: torch.Tensor, split: Split) -> dict[str, float]:
     correct = (logits.argmax(1) == split.labels).float()
     out = {"overall": float(correct.mean()) if len(split) else float("nan")}
     for g in SUBGROUPS:
         idx = split.subgroup_index(g)
         out[g] = float(correct[idx].mean()) if idx.numel() else float("nan")
     return out
+
+
+def subgroup_accuracy(model: nn.Module, split: Split, device: torch.device | str = "cpu",
+                      batch_size: int = 256) -> dict[str, float]:
+    """Accuracy overall (all images of ``split``) and per subgroup (NaN for an empty subgroup)."""
+    return _accuracy(predict_logits(model, split.device_images(device), batch_size=batch_size, device=device),
+                     split)
+
+
+@torch.no_grad()
+def subgroup_accuracy_with_site(model: nn.Module, site: nn.Module, split: Split,
+                                device: torch.device | str = "cpu",
+                                batch_size: int = 256) -> tuple[dict[str, float], dict[str, float]]:
+    """:func:`subgroup_accuracy` with ``site`` bypassed and with it active, in one pass.
+
+    ``site`` is a context site attached to a :class:`cnp.models.VGG` (the virtual concept layer):
+    the layers up to the one it follows run once per batch and the layers above it twice (on
+    ``a`` and on ``site(a)``). The same operations on the same batches as two separate
+    evaluations, so the same numbers; the site's ``enabled`` flag is left as it was.
+    """
+    from cnp.models import VGG
+
+    host = getattr(site, "_host", None)
+    pos = None
+    if isinstance(model, VGG) and host is not None:
+        pos = next((i for i, m in enumerate(model.features) if m is host), None)
+    was = site.enabled
+    try:
+        if pos is None or len(split) == 0:  # not a VGG feature layer: two plain evaluations
+            site.enabled = False
+            plain = subgroup_accuracy(model, split, device, batch_size)
+            site.enabled = True
+            return plain, subgroup_accuracy(model, split, device, batch_size)
+        site.enabled = False
+        model.eval()
+        below, above = model.features[:pos + 1], model.features[pos + 1:]
+
+        def top(h: torch.Tensor) -> torch.Tensor:  # VGG.forward from the site's layer on
+            return model.classifier(torch.flatten(model.avgpool(above(h)), 1)).float()
+
+        images = split.device_images(device)
+        plain, with_site = [], []
+        for start in range(0, images.shape[0], batch_size):
+            h = below(normalize_images(images[start:start + batch_size], device))
+            plain.append(top(h))
+            with_site.append(top(site(h)))
+    finally:
+        site.enabled = was
+    return _accuracy(torch.cat(plain).cpu(), split), _accuracy(torch.cat(with_site).cpu(), split)
 
 
 def positive_probability(model: nn.Module, images_uint8: torch.Tensor, device="cpu") -> torch.Tensor:

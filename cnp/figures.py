@@ -621,6 +621,14 @@ def make_all(runs: Sequence[RunRecord] | str | Path, out_dir: str | Path = "figu
         table_summary(groups), out_dir, "table_summary",
         title="At the target pruning rate (after the final fine-tuning), mean ± std over seeds; "
               "'unpruned' is the warmed-up model.")
+    from cnp.claims import CLAIM_COLUMNS, claims_table
+
+    claims = claims_table(list(runs))
+    if claims:
+        written["table_claims"] = save_table(
+            claims, out_dir, "table_claims", columns=CLAIM_COLUMNS,
+            title="The paper's claims as measurable targets (cnp.claims; thresholds from the results issue), "
+                  "mean ± std over seeds at the target rate after the final fine-tune.")
     for name, paths in written.items():
         note(f"wrote {name}: {', '.join(p.name for p in paths)}")
     return written

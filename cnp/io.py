@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +25,9 @@ class CNPError(ValueError):
     """A problem with the user's input or environment, with a message that says how to fix it."""
 
 
-def _check_dir_writable(directory: Path) -> None:
+def check_dir_writable(directory: str | os.PathLike) -> None:
+    """Create ``directory`` if needed; CNPError (one line, with the fix) when it cannot be written."""
+    directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -49,19 +52,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         left untouched.
     """
     path = Path(path)
-    _check_dir_writable(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    check_dir_writable(path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise CNPError(
                 f"the disk is full while writing {path}; nothing was overwritten. "
@@ -103,9 +108,17 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
         raise CNPError(
-            f"could not load {path} as a weights-only checkpoint ({type(exc).__name__}: {exc}). "
+            f"could not load {path} as a weights-only checkpoint ({type(exc).__name__}: {_reason(exc)}). "
             "The file is corrupt or truncated, or was not written by cnp: delete it and rebuild."
         ) from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """One line of an exception's message (torch's weights-only refusal spans many lines)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    hit = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    line = hit.group(1) if hit else next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

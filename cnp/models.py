@@ -270,6 +270,38 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     return model, blob.get("extra", {})
 
 
+def _hub_weights() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
+
+
+def vgg16_weights_file(weights_path: str | Path | None = None) -> Path:
+    """The local VGG-16 weights file to use: ``weights_path``, else torch's hub cache (no download).
+
+    Raises
+    ------
+    CNPError
+        When the file does not exist, saying where to download it and how to pass it.
+    """
+    if weights_path is None or str(weights_path) == "":
+        hub = _hub_weights()
+        if hub.is_file():
+            return hub
+        raise CNPError(
+            "VGG-16 ImageNet weights are needed but no file was given and none is cached at "
+            f"{hub}. Download https://download.pytorch.org/models/vgg16-397923af.pth on a "
+            "machine with internet, then pass weights_path=<file> (or put it in that cache), "
+            "or set allow_download=True to let torchvision fetch it."
+        )
+    weights_path = Path(weights_path)
+    if not weights_path.is_file():
+        raise CNPError(
+            f"weights file {weights_path} does not exist. Download "
+            "https://download.pytorch.org/models/vgg16-397923af.pth on a machine with internet and "
+            "pass its path as weights_path."
+        )
+    return weights_path
+
+
 def load_torchvision_vgg16(
     weights_path: str | Path | None = None,
     expected_sha256: str | None = VGG16_IMAGENET_SHA256,
@@ -294,29 +326,11 @@ def load_torchvision_vgg16(
     CNPError
         Missing file, wrong hash, or weights that do not fit VGG-16.
     """
-    if weights_path is None:
-        hub = Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
-        if hub.is_file():
-            weights_path = hub
-        elif allow_download:
-            from torchvision.models import VGG16_Weights
+    if weights_path is None and allow_download and not _hub_weights().is_file():
+        from torchvision.models import VGG16_Weights
 
-            VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True)  # downloads into the hub cache
-            weights_path = hub
-        else:
-            raise CNPError(
-                "VGG-16 ImageNet weights are needed but no file was given and none is cached at "
-                f"{hub}. Download https://download.pytorch.org/models/vgg16-397923af.pth on a "
-                "machine with internet, then pass weights_path=<file> (or put it in that cache), "
-                "or set allow_download=True to let torchvision fetch it."
-            )
-    weights_path = Path(weights_path)
-    if not weights_path.is_file():
-        raise CNPError(
-            f"weights file {weights_path} does not exist. Download "
-            "https://download.pytorch.org/models/vgg16-397923af.pth on a machine with internet and "
-            "pass its path as weights_path."
-        )
+        VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True)  # downloads into the hub cache
+    weights_path = vgg16_weights_file(weights_path)
     if expected_sha256 is not None:
         digest = sha256_file(weights_path)
         if digest != expected_sha256:

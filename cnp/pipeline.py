@@ -33,8 +33,15 @@ from typing import Any
 
 import torch
 
-from cnp.io import CNPError, atomic_torch_save, atomic_write_json, recipe_hash, safe_torch_load
-from cnp.models import load_model, paper_name, qualified_name, save_model
+from cnp.io import (
+    CNPError,
+    atomic_torch_save,
+    atomic_write_json,
+    recipe_hash,
+    safe_torch_load,
+    sha256_file,
+)
+from cnp.models import FULL_WIDTHS, load_model, paper_name, save_model
 from cnp.runtime import (
     StageTimer,
     configure_threads,
@@ -82,10 +89,10 @@ class Params:
     wm_size: float = 0.22
     wm_opacity: float = 0.55
     wm_color: str = "white"
-    wm_placement: str = "fixed"
+    wm_placement: str = "random"
     wm_rate_pos: float = 0.9
     wm_rate_neg: float = 0.05
-    faint_rate: float = 0.15
+    faint_rate: float = 0.0
     faint_opacity: float = 0.3
     backbone_epochs: int = 8
     backbone_images_per_class: int = 700
@@ -103,7 +110,7 @@ class Params:
     n_positions: int = 20
     subspace_method: str = "drsa"
     # ablate
-    ablate: str = "auto"  # "auto" (latent analysis) or indices like "3" / "1,3"
+    ablate: str = "auto"  # "auto" (latent analysis), indices like "3" / "1,3", or "mask:ball"
     ap_threshold: float = 0.85
     max_ablate: int = 1
     ablation_mode: str = "zero"
@@ -241,10 +248,18 @@ def _validate(p: Params) -> None:
         raise CNPError(f"step must be in (0, target={p.target}], got {p.step}")
     if p.K < 1:
         raise CNPError(f"K must be >= 1, got {p.K}")
-    qualified_name(p.layer)
+    if p.d_k < 0:
+        raise CNPError(f"d_k must be >= 0 (0: D / K), got {p.d_k}")
+    D = layer_width(p)
+    if D % p.K or (p.d_k and p.K * p.d_k != D):
+        raise CNPError(f"K * d_k must equal D = {D} at {p.layer}: K={p.K}, d_k={p.d_k or 'D/K'} "
+                       f"(valid K: {[k for k in range(1, D + 1) if D % k == 0]})")
     if p.ablation_mode not in ("zero", "mean"):
         raise CNPError(f"ablation_mode must be 'zero' or 'mean', got {p.ablation_mode!r}")
-    if p.ablate != "auto":
+    if p.ablate.startswith("mask:"):
+        if not p.ablate[5:]:
+            raise CNPError("ablate='mask:<part>' needs a part name, e.g. 'mask:ball' (basketball demo)")
+    elif p.ablate != "auto":
         try:
             idx = [int(v) for v in p.ablate.split(",") if v.strip()]
         except ValueError:
@@ -263,6 +278,25 @@ def _validate(p: Params) -> None:
         raise CNPError(f"subspace_method must be 'drsa' or 'prca', got {p.subspace_method!r}")
     if p.epochs_per_step < 0 or p.final_epochs < 0:
         raise CNPError("epochs_per_step and final_epochs must be >= 0")
+
+
+def layer_width(p: Params) -> int:
+    """D, the channels at ``p.layer`` of the backbone the run uses, known before anything is loaded.
+
+    Synthetic data: the embedded backbone's recipe (:func:`backbone_config`; conv4_3 has 128
+    channels); ImageNet: torchvision's VGG-16 (512 at conv4_3).
+
+    Raises
+    ------
+    CNPError
+        When ``p.layer`` is not a conv layer of the features (or its ReLU output).
+    """
+    name = paper_name(p.layer)  # CNPError for an unknown name
+    if not name.startswith(("conv", "relu")):
+        raise CNPError(f"layer must be a conv layer of the features such as conv4_3 (or its ReLU, relu4_3), "
+                       f"got {p.layer!r}")
+    widths = FULL_WIDTHS if p.dataset == "imagenet" else backbone_config(p).block_widths
+    return int(widths[int(name[4]) - 1])
 
 
 # ============================================================================ context
@@ -296,15 +330,33 @@ class Run:
 
 
 def open_run(params: Params | None = None, **overrides) -> Run:
-    """Start or continue a run: validate parameters, set threads and seeds, record params.json."""
+    """Start or continue a run: validate parameters (and the ImageNet path's root and weights file),
+    set threads and seeds, record params.json."""
     p = params if params is not None else make_params(**overrides)
+    _check_files(p)
     if p.threads:
         configure_threads(p.threads)
     seed_everything(p.seed)
     run = Run(p)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run.dir / "params.json", p.to_dict())
+    atomic_write_json(run.dir / "params.json", p.to_dict())  # creates the directory; CNPError if unwritable
     return run
+
+
+def _check_files(p: Params) -> None:
+    """The ImageNet path's inputs exist (root folder, weights file), before any work starts.
+
+    Raises
+    ------
+    CNPError
+        A missing root or weights file; for the weights, where to download them and how to pass
+        the file (the companion never downloads on its own).
+    """
+    if p.dataset == "imagenet":
+        from cnp.data.imagenet import check_root
+        from cnp.models import vgg16_weights_file
+
+        check_root(p.imagenet_root)
+        vgg16_weights_file(p.weights_path or None)
 
 
 def synthetic_config(p: Params):
@@ -382,19 +434,86 @@ def _stage_key(p: Params, stage: str) -> str:
     return recipe_hash({"stage": stage, "params": d})
 
 
+#: The files each stage writes (besides its summary.json), relative to the run directory, and the
+#: stage whose summary it reads. A summary records their SHA-256; see :func:`_done`.
+_STAGE_INPUT = {"warmup": None, "augment": "warmup", "ablate": "augment", "prune": "ablate"}
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _digest(path: Path) -> str | None:
+    """SHA-256 of a file (memoised by path, size and mtime), ``None`` when it does not exist."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(path)
+    return _DIGESTS[key]
+
+
+def _stage_outputs(run: Run, stage: str, summary: dict) -> list[str]:
+    if stage == "warmup":
+        return ["warmup/model.pt"]
+    if stage == "augment":
+        return ["augment/concepts.pt"]
+    if stage == "ablate":
+        return ["ablate/heatmaps.pt"]
+    out = [f"prune/prune_{m}.pt" for m in summary.get("curves", {})]
+    if "cnp" in summary.get("curves", {}) and (run.dir / "prune" / "heatmaps_cnp.pt").exists():
+        out.append("prune/heatmaps_cnp.pt")
+    return out
+
+
 def _done(run: Run, stage: str) -> dict | None:
+    """The stage's summary when its results can be trusted, else ``None`` (the stage runs again).
+
+    Trusted means: ``summary.json`` reads, was written for the same parameters, every file the
+    stage wrote still has the SHA-256 recorded in it (so a truncated, corrupt or missing file is
+    rebuilt, never read) and the upstream stage's summary is the one this stage was computed
+    from. Anything else but a missing summary is reported with one line.
+    """
     path = run.dir / stage / "summary.json"
     if not path.exists():
         return None
     try:
         s = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        if not isinstance(s, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        print(f"[cnp] {stage}: {path} is unreadable ({type(exc).__name__}): re-running the stage")
         return None
-    return s if s.get("key") == _stage_key(run.params, stage) else None
+    why = None
+    if s.get("key") != _stage_key(run.params, stage):
+        why = "its results are for other parameters"
+    elif not isinstance(s.get("files"), dict):
+        why = "its summary.json records no file hashes (written by an older version)"
+    else:
+        for rel, digest in s["files"].items():
+            got = _digest(run.dir / rel)
+            if got is None:
+                why = f"{rel} is missing"
+            elif got != digest:
+                why = f"{rel} does not match the SHA-256 in its summary.json (corrupt or truncated)"
+            if why:
+                break
+    if why is None:
+        up = _STAGE_INPUT[stage]
+        if up is not None and s.get("input") != _digest(run.dir / up / "summary.json"):
+            why = f"the {up} stage it was computed from has changed"
+    if why:
+        print(f"[cnp] {stage}: {why}; re-running the stage")
+        return None
+    return s
 
 
 def _finish(run: Run, stage: str, summary: dict) -> dict:
-    summary = {**summary, "key": _stage_key(run.params, stage)}
+    """Write ``<stage>/summary.json``: the summary, the parameters key, the SHA-256 of every file
+    the stage wrote and of the upstream summary it used (atomically, after those files)."""
+    up = _STAGE_INPUT[stage]
+    summary = {**summary, "key": _stage_key(run.params, stage),
+               "files": {rel: _digest(run.dir / rel) for rel in _stage_outputs(run, stage, summary)},
+               "input": _digest(run.dir / up / "summary.json") if up is not None else None}
     atomic_write_json(run.dir / stage / "summary.json", summary)
     return summary
 
@@ -523,8 +642,21 @@ def run_ablate(run: Run, verbose: bool = True) -> dict:
             ap = [float("nan")] * p.K
         per_share, overall_share = subspace_mask_share(model, vl, data["test"].positives(), lrp_config=_lrp_config(p),
                                                        device=run.device, max_images=p.wm_share_images)
+        part_share = None
         if p.ablate == "auto":
             ablated = propose_ablation(ap, threshold=p.ap_threshold, max_ablate=p.max_ablate or None)
+        elif p.ablate.startswith("mask:"):
+            # a stand-in for the human evaluation of the heatmaps: the subspace whose heatmaps put
+            # the largest share of relevance on a named part (e.g. the ball of the Figure 1 demo)
+            part = p.ablate[5:]
+            pos = data["test"].positives()
+            if part not in pos.extra_masks:
+                raise CNPError(f"ablate={p.ablate!r}: this data set has no '{part}' masks "
+                               f"(available: {sorted(pos.extra_masks) or 'none'})")
+            part_share, _ = subspace_mask_share(model, vl, pos, masks=pos.extra_masks[part],
+                                                lrp_config=_lrp_config(p), device=run.device,
+                                                max_images=p.wm_share_images)
+            ablated = [int(torch.tensor(part_share).argmax())]
         else:
             ablated = sorted({int(v) for v in p.ablate.split(",") if v.strip()})
         # heatmap examples for the figures (positives with a watermark first)
@@ -540,7 +672,8 @@ def run_ablate(run: Run, verbose: bool = True) -> dict:
     return _finish(run, "ablate", {
         "ap_watermark": ap, "wm_relevance_share": per_share, "overall_wm_relevance_share": overall_share,
         "ablated": ablated, "ablation_mode": p.ablation_mode, "latent_analysis_split": la_split.name,
-        "mean_concept_relevance": scores.mean(0).tolist(), "seconds": run.timer.times.get("ablate", 0.0),
+        "mean_concept_relevance": scores.mean(0).tolist(), "part_relevance_share": part_share,
+        "seconds": run.timer.times.get("ablate", 0.0),
     })
 
 
@@ -577,8 +710,7 @@ def run_prune(run: Run, verbose: bool = True) -> dict:
         if method == "cnp":
             _pruned_heatmaps(run, res.model)
         # record progress after every method (a restart skips finished methods)
-        atomic_write_json(run.dir / "prune" / "summary.json",
-                          {"curves": curves, "timings": timings, "key": _stage_key(p, "prune")})
+        _finish(run, "prune", {"curves": curves, "timings": timings})
     return _finish(run, "prune", {"curves": curves, "timings": timings})
 
 

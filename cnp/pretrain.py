@@ -86,7 +86,7 @@ class BackboneConfig:
     dropout: float = 0.3
     wm_head: str = "both"
     wm_head_layer: str = "relu4_3"
-    wm_global_weight: float = 1.0
+    wm_global_weight: float = 0.3
     seed: int = 0
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
 

@@ -16,7 +16,8 @@ Usage
   default ``figures/``); its executed copy is ``DIR/06_figures.ipynb``.
 * ``-p name=value`` sets any :class:`cnp.pipeline.Params` field for every run (values are
   parsed as JSON / Python literals, else kept as strings: ``-p step=0.1 -p smoke=1
-  -p methods=cnp,vanilla,l1``). An unknown name stops the sweep before it starts.
+  -p methods=cnp,vanilla,l1``). An unknown name or a bad value (wrong type, K * d_k != D, ...)
+  stops the sweep before it starts, with one line and exit code 2.
 * ``-g name=v1,v2`` adds a grid axis (``-g K=4,8,16``): the runs are the product of all axes.
 * Resumable: a run whose ``metrics.json`` exists for the same parameters (everything except
   ``run_dir``, ``device`` and ``threads``) is skipped; an interrupted run resumes stage by stage
@@ -73,7 +74,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from cnp.io import CNPError, atomic_write_json, atomic_write_text, recipe_hash
+from cnp.io import CNPError, atomic_write_json, atomic_write_text, check_dir_writable, recipe_hash
 
 #: Repository root (``cnp/sweep.py`` -> one level above ``cnp/``).
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -96,14 +97,35 @@ TABLE1_SELECTED: dict[str, Any] = {"K": 4, "lrp_variant": "alpha1beta0", "epochs
                                    "ranking_data": "pos", "step": 0.05}
 
 # ---------------------------------------------------------------------------------------------
-# PLACEHOLDER (to be tuned by the lead): seeds and parameters of `make reproduce`, which must
-# finish within 15 minutes on 2 CPU cores. The full-fidelity settings are the Params defaults
-# (the paper's Appendix A) with 5 seeds.
+# `make reproduce`: the embedded benchmark's easy pair (3 seeds), hard pair (2 seeds) and the
+# basketball demo (1 seed), CNP and vanilla LRP pruning, within 15 minutes on 2 CPU cores. Reduced
+# from the full-fidelity settings (the Params defaults: the paper's Appendix A, 5 seeds; see the
+# README for the command and its time) in: 20 % steps instead of 5 %, 200 ranking images instead
+# of 500, 300 test images per subgroup instead of 500, DRSA 300 steps x 2 restarts on 300 images.
 REPRODUCE_SEEDS: list[int] = [0, 1, 2]
-REPRODUCE_PARAMS: dict[str, Any] = {"step": 0.1}
-#: per-pair values on top of REPRODUCE_PARAMS, e.g. {"basketball": {"ablate": "3"}}
-REPRODUCE_PAIR_PARAMS: dict[str, dict[str, Any]] = {}
-# ---------------------------------------------------------------------------------------------
+REPRODUCE_PARAMS: dict[str, Any] = {
+    "step": 0.2, "n_drsa": 300, "n_rank": 200, "n_val_per_subgroup": 100, "n_test_per_subgroup": 300,
+    "drsa_steps": 300, "drsa_restarts": 2, "wm_share_images": 60, "heatmap_images": 4,
+}
+#: per-pair values on top of REPRODUCE_PARAMS: the Figure 1 demo ablates the ball subspace
+#: (chosen from the heatmaps' share of relevance on the ball, a stand-in for human evaluation)
+REPRODUCE_PAIR_PARAMS: dict[str, dict[str, Any]] = {"basketball": {"ablate": "mask:ball"}}
+#: per-pair seeds replacing REPRODUCE_SEEDS
+REPRODUCE_PAIR_SEEDS: dict[str, list[int]] = {"crate-packet": [0, 1], "basketball": [0]}
+
+#: `python -m cnp.sweep --preset full`: the full-fidelity settings (Params defaults), 5 seeds,
+#: with the l1 and random baselines.
+FULL_SEEDS: list[int] = [0, 1, 2, 3, 4]
+FULL_PARAMS: dict[str, Any] = {"methods": "cnp,vanilla,l1,random"}
+
+#: `python -m cnp.sweep --preset styles`: claim 6 - held-out watermark styles and both ablation
+#: modes on the easy pair (one grid axis at a time around the defaults).
+STYLES_GRID: dict[str, list] = {
+    "wm_text": ["(c) photo", "SAMPLE"], "wm_placement": ["tiled"], "wm_opacity": [0.35],
+    "ablation_mode": ["mean"],
+}
+STYLES_SELECTED: dict[str, Any] = {"wm_text": "stock", "wm_placement": "random", "wm_opacity": 0.55,
+                                   "ablation_mode": "zero"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "reproduce": {
@@ -112,7 +134,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seeds": REPRODUCE_SEEDS,
         "params": REPRODUCE_PARAMS,
         "pair_params": REPRODUCE_PAIR_PARAMS,
+        "pair_seeds": REPRODUCE_PAIR_SEEDS,
         "grid": {},
+    },
+    "full": {
+        "doc": "the full-fidelity settings (the paper's Appendix A sizes), 5 seeds, with the l1 and random baselines",
+        "pairs": ["carton-dugong", "crate-packet"], "seeds": FULL_SEEDS, "params": FULL_PARAMS, "grid": {},
+    },
+    "styles": {
+        "doc": "claim 6: held-out watermark styles and mean ablation on the easy pair (one axis at a time)",
+        "pairs": ["carton-dugong"], "seeds": [0, 1, 2], "params": dict(REPRODUCE_PARAMS),
+        "grid": STYLES_GRID, "grid_mode": "variations", "selected": STYLES_SELECTED,
     },
     "smoke": {
         "doc": "one tiny run (smoke=True) to check the machinery",
@@ -157,7 +189,9 @@ def notebook_params(namespace: Mapping[str, Any]):
     Takes every variable of ``namespace`` (the notebook's ``globals()``) named like a
     ``Params`` field, skipping ``None`` ("the default", which for ``smoke=True`` is the smoke
     size), then the entries of the dict ``extra`` (any other field). An empty ``run_dir`` becomes
-    :func:`default_run_dir`; ``threads=0`` becomes ``$CNP_THREADS`` when that is set.
+    :func:`default_run_dir`; ``threads=0`` becomes ``$CNP_THREADS`` when that is set. A name that
+    papermill injected (its ``# Parameters`` cell, found in the kernel's input history ``In``)
+    but that is no parameter is an error too, rather than silently ignored.
 
     Raises
     ------
@@ -172,12 +206,33 @@ def notebook_params(namespace: Mapping[str, Any]):
     if not isinstance(extra, Mapping):
         raise CNPError(f"extra must be a dict of further parameters, got {type(extra).__name__}")
     over.update(extra)
+    for name in sorted(_papermill_injected(namespace) - names - {"extra"}):
+        over[name] = namespace.get(name)  # make_params reports it as an unknown parameter
     if not over.get("threads") and os.environ.get("CNP_THREADS"):
         over["threads"] = os.environ["CNP_THREADS"]
     if not over.get("run_dir"):
         p = make_params(**over)  # validates pair and seed before they name a folder
         over["run_dir"] = str(default_run_dir(p.pair, p.seed, p.smoke))
     return make_params(**over)
+
+
+def _papermill_injected(namespace: Mapping[str, Any]) -> set[str]:
+    """Names assigned in the cells papermill injected (source starting ``# Parameters``)."""
+    found: set[str] = set()
+    history = namespace.get("In")
+    if not isinstance(history, list):
+        return found
+    for src in history:
+        if not (isinstance(src, str) and src.lstrip().startswith("# Parameters")):
+            continue
+        try:
+            body = ast.parse(src).body
+        except SyntaxError:
+            continue
+        for node in body:
+            if isinstance(node, ast.Assign):
+                found.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return found
 
 
 # ============================================================================ planning
@@ -257,21 +312,23 @@ def variant_name(values: Mapping[str, Any]) -> str:
 
 def expand_grid(grid: Mapping[str, Sequence], mode: str = "product",
                 selected: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Grid points: the full product, or ``one-at-a-time`` around ``selected`` (default: each
-    axis's first value); duplicates removed, order kept."""
+    """Grid points: the full product, ``one-at-a-time`` around ``selected`` (default: each
+    axis's first value; the selected point included), or ``variations`` (the same without the
+    selected point itself); duplicates removed, order kept."""
     if not grid:
         return [{}]
     keys = list(grid)
     if mode == "product":
         points = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
-    elif mode == "one-at-a-time":
+    elif mode in ("one-at-a-time", "variations"):
         base = {k: (selected or {}).get(k, grid[k][0]) for k in keys}
-        points = [dict(base)]
+        points = [dict(base)] if mode == "one-at-a-time" else []
         for k in keys:
             for v in grid[k]:
-                points.append({**base, k: v})
+                if v != base[k] or mode == "one-at-a-time":
+                    points.append({**base, k: v})
     else:
-        raise CNPError(f"grid mode must be 'product' or 'one-at-a-time', got {mode!r}")
+        raise CNPError(f"grid mode must be 'product', 'one-at-a-time' or 'variations', got {mode!r}")
     seen, out = set(), []
     for p in points:
         key = json.dumps(p, sort_keys=True)
@@ -284,11 +341,13 @@ def expand_grid(grid: Mapping[str, Sequence], mode: str = "product",
 def plan(pairs: Sequence[str], seeds: Sequence[int], out: str | Path, params: Mapping[str, Any] | None = None,
          grid: Mapping[str, Sequence] | None = None, grid_mode: str = "product",
          selected: Mapping[str, Any] | None = None,
-         pair_params: Mapping[str, Mapping[str, Any]] | None = None) -> list[Job]:
+         pair_params: Mapping[str, Mapping[str, Any]] | None = None,
+         pair_seeds: Mapping[str, Sequence[int]] | None = None) -> list[Job]:
     """The runs of a sweep, in order (pairs, then grid points, then seeds).
 
     A run's values: ``params``, then ``pair_params[pair]`` (a preset's per-pair values), then
-    the grid point's."""
+    the grid point's. ``pair_seeds[pair]`` (a preset's per-pair seeds) replaces ``seeds`` for
+    that pair."""
     if not pairs:
         raise CNPError("no pairs given (--pairs ... or --preset NAME)")
     if not seeds:
@@ -298,12 +357,37 @@ def plan(pairs: Sequence[str], seeds: Sequence[int], out: str | Path, params: Ma
     for pair in pairs:
         for point in expand_grid(grid or {}, grid_mode, selected):
             variant = variant_name(point) if point else ""
-            for seed in seeds:
+            for seed in (pair_seeds or {}).get(pair, seeds):
                 d = out / pair / variant / f"seed{int(seed)}" if variant else out / pair / f"seed{int(seed)}"
                 jobs.append(Job(pair=str(pair), seed=int(seed), run_dir=str(d),
                                 overrides={**(params or {}), **(pair_params or {}).get(pair, {}), **point},
                                 variant=variant))
     return jobs
+
+
+def check_overrides(jobs: Sequence[Job]) -> None:
+    """Validate every distinct set of ``-p`` / ``-g`` / preset values before anything runs.
+
+    A bad value (wrong type, K * d_k != D, unknown method, target outside (0, 1), ...) stops the
+    sweep with one line; a bad pair name still fails only its own runs (they keep a notebook).
+
+    Raises
+    ------
+    CNPError
+        The first bad value, naming the grid variant it belongs to.
+    """
+    from cnp.pipeline import make_params
+
+    seen = set()
+    for job in jobs:
+        key = json.dumps(job.overrides, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            make_params(**job.overrides)
+        except CNPError as exc:
+            raise CNPError(f"{exc}" + (f" (grid variant {job.variant})" if job.variant else "")) from None
 
 
 # ============================================================================ resume check
@@ -554,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a cnp.pipeline.Params value for every run (repeatable)")
     ap.add_argument("-g", "--grid", action="append", default=[], metavar="NAME=V1,V2",
                     help="a grid axis (repeatable); runs go to DIR/<pair>/<variant>/seed<k>")
-    ap.add_argument("--grid-mode", choices=["product", "one-at-a-time"], default=None,
+    ap.add_argument("--grid-mode", choices=["product", "one-at-a-time", "variations"], default=None,
                     help="how grid axes combine (default: the preset's, else product)")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="a named sweep (see below)")
     ap.add_argument("--workers", type=int, default=1, help="runs at once (threads per run = cores // workers)")
@@ -578,6 +662,38 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def prepare_shared(jobs: Sequence[Job], verbose: bool = True) -> None:
+    """Build what the runs share (the embedded backbone) once, with every core, before the
+    workers start (otherwise each worker would pretrain the same backbone at the same time)."""
+    import torch
+
+    from cnp.io import recipe_hash
+    from cnp.pipeline import backbone_config, make_params
+    from cnp.pretrain import backbone_path, load_backbone
+
+    seen: set[str] = set()
+    for j in jobs:
+        try:
+            p = make_params(**{**j.overrides, "pair": j.pair, "seed": j.seed})
+        except CNPError:
+            continue
+        if p.dataset != "synthetic":
+            continue
+        cfg = backbone_config(p)
+        key = recipe_hash(cfg.recipe())
+        if key in seen:
+            continue
+        seen.add(key)
+        if verbose and not backbone_path(cfg).exists():
+            print(f"[sweep] pretraining the shared backbone once ({available_cores()} threads)", flush=True)
+        prev = torch.get_num_threads()
+        torch.set_num_threads(max(1, available_cores()))
+        try:
+            load_backbone(cfg, verbose=verbose)
+        finally:
+            torch.set_num_threads(prev)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -590,7 +706,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         pair_params = {k: {n: v for n, v in d.items() if n not in cli} for k, d in preset.get("pair_params", {}).items()}
         grid = {**preset.get("grid", {}), **parse_grid(args.grid)}
         mode = args.grid_mode or preset.get("grid_mode", "product")
-        jobs = plan(pairs or [], seeds or [], args.out, params, grid, mode, preset.get("selected"), pair_params)
+        pair_seeds = preset.get("pair_seeds", {}) if args.seeds is None else {}
+        jobs = plan(pairs or [], seeds or [], args.out, params, grid, mode, preset.get("selected"), pair_params,
+                    pair_seeds)
+        check_overrides(jobs)
     except CNPError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -614,14 +733,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         check_kernel(args.kernel)
+        check_dir_writable(out)
     except CNPError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     print(f"[sweep] {len(jobs)} run(s) -> {out} ({workers} worker(s) x {threads} thread(s), "
           f"executor {args.executor})", flush=True)
     try:
+        prepare_shared(jobs, verbose=True)
         if args.executor == "submitit":
             results = run_submitit(jobs, args, threads, args.kernel, notebooks)
         else:

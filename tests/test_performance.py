@@ -191,3 +191,28 @@ def test_stage_breakdown():
     assert "warmup" in lines[1] and "not rerun" in lines[1]
     assert "rank" in lines[3] and "40.0 %" in lines[3]
     assert lines[-1].split()[:2] == ["total", "12.0"]
+
+
+def test_accuracy_with_and_without_the_virtual_layer_in_one_pass(tiny_vgg, random_U, monkeypatch):
+    """The shared-prefix evaluation computes the logits of two full evaluations (site off, on)."""
+    import cnp.evaluate as ev
+    from cnp.training import predict_logits
+    from cnp.virtual_layer import insert_virtual_layer
+
+    split = _split(13)
+    vl = insert_virtual_layer(tiny_vgg, random_U(16), 4, layer="relu4_3", ablated=[1])
+    vl.enabled = False
+    want_plain = predict_logits(tiny_vgg, split.images, batch_size=5)
+    vl.enabled = True
+    want_vl = predict_logits(tiny_vgg, split.images, batch_size=5)
+    assert not torch.equal(want_plain, want_vl)  # the ablation changes the logits
+    seen = []
+    real = ev._accuracy
+    monkeypatch.setattr(ev, "_accuracy", lambda logits, s: seen.append(logits) or real(logits, s))
+    for enabled in (True, False):
+        vl.enabled = enabled
+        seen.clear()
+        plain, with_vl = ev.subgroup_accuracy_with_site(tiny_vgg, vl, split, batch_size=5)
+        assert torch.equal(seen[0], want_plain) and torch.equal(seen[1], want_vl)
+        assert plain == real(want_plain, split) and with_vl == real(want_vl, split)
+        assert vl.enabled is enabled

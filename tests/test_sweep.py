@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from netguard import guard_env, refused
 
 from cnp import sweep
 from cnp.io import CNPError
@@ -173,13 +174,19 @@ def test_injected_parameters_put_the_rest_in_extra():
 # ============================================================================ end to end
 @pytest.fixture(scope="module")
 def sweep_env(tmp_path_factory):
-    """Environment of the sweep subprocesses: a fresh cache for this module, one thread."""
+    """Environment of the sweep subprocesses: a fresh cache for this module, one thread, and no
+    network but loopback (papermill's kernels talk over localhost): see ``netguard``."""
     sweep.check_kernel()  # fails with the fix (make .venv) when the 'cnp' kernel is missing
     cache = tmp_path_factory.mktemp("cnp_cache")
     env = {**os.environ, "CNP_CACHE": str(cache), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "CNP_THREADS": "1", "CNP_PROGRESS": "0", "PYTHONHASHSEED": "0"}
     env.pop("CNP_SMOKE", None)
+    env, _log = guard_env(env, tmp_path_factory.mktemp("netguard"), allow_loopback=True)
     return env
+
+
+def _network_attempts(env) -> list[str]:
+    return refused(Path(env["CNP_NETGUARD_LOG"]))
 
 
 def _cmd(out: Path, figs: Path, pairs, *extra) -> list[str]:
@@ -246,6 +253,8 @@ def test_sweep_killed_mid_run_resumes_without_redoing_work(tmp_path, sweep_env):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "2 skipped (up to date), 0 failed" in res.stdout and _mtimes(done) == done
+    # offline: the whole sweep (its kernels included) tried no address but loopback
+    assert _network_attempts(sweep_env) == []
 
 
 def _fake_done(job) -> None:
@@ -274,3 +283,30 @@ def test_submitit_local_executor(tmp_path, sweep_env):
     assert res.returncode == 1, res.stdout + res.stderr
     assert "1 skipped (up to date), 1 failed" in res.stdout and "unknown pair 'nosuchpair'" in res.stdout
     assert (out / "nosuchpair" / "seed0" / "01_warmup.ipynb").exists() and any((out / ".submitit").iterdir())
+
+
+def test_notebook_parameter_defaults_match_params():
+    """The parameters cells repeat the defaults of cnp.pipeline.Params (or say None = default)."""
+    import ast
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from cnp.pipeline import Params
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Params)}
+    run_specific = {"run_dir", "threads", "smoke", "methods", "device"}
+    nb_dir = Path(__file__).resolve().parents[1] / "notebooks"
+    checked = 0
+    for path in sorted(nb_dir.glob("0[1-5]_*.ipynb")):
+        nb = json.loads(path.read_text())
+        cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+        for node in ast.parse("".join(cell["source"])).body:
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+                name = node.targets[0].id
+                if name in defaults and name not in run_specific and isinstance(node.value, ast.Constant):
+                    value = node.value.value
+                    if value is not None:
+                        assert value == defaults[name], f"{path.name}: {name} = {value!r}, Params has {defaults[name]!r}"
+                        checked += 1
+    assert checked >= 5 * 10

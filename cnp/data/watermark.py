@@ -55,7 +55,7 @@ class WatermarkStyle:
     wm_size: float = 0.22
     wm_opacity: float = 0.55
     wm_color: str | tuple[float, float, float] = "white"
-    wm_placement: str = "fixed"
+    wm_placement: str = "random"
 
     def __post_init__(self) -> None:
         validate_style(self)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from cnp.data.splits import PairData
-from cnp.evaluate import subgroup_accuracy, wm_relevance_share
+from cnp.evaluate import subgroup_accuracy, subgroup_accuracy_with_site, wm_relevance_share
 from cnp.io import CNPError, atomic_torch_save, recipe_hash, safe_torch_load, tensor_hash
 from cnp.lrp import LRPConfig
 from cnp.models import VGG, count_macs, count_params, get_layer, vgg_from_arch
@@ -173,9 +173,14 @@ def _evaluate(model: VGG, data: PairData, cfg: PruneConfig, device, image_size: 
     was = vl.enabled if vl is not None else None
     if vl is not None:
         vl.enabled = False  # the deployable network: as if the augmented layers were removed
+    acc_vl = None
     try:
+        if vl is not None and was:  # with and without the virtual layer, sharing the layers below it
+            acc, acc_vl = subgroup_accuracy_with_site(model, vl, data["test"], device=device)
+        else:
+            acc = subgroup_accuracy(model, data["test"], device=device)
         entry = {
-            "acc": subgroup_accuracy(model, data["test"], device=device),
+            "acc": acc,
             "val_acc": subgroup_accuracy(model, data["val"], device=device),
             "wm_relevance_share": (wm_relevance_share(model, data["test"], cfg.lrp, device=device,
                                                       max_images=cfg.wm_share_images)
@@ -187,8 +192,8 @@ def _evaluate(model: VGG, data: PairData, cfg: PruneConfig, device, image_size: 
     finally:
         if vl is not None:
             vl.enabled = was
-    if vl is not None and vl.enabled:
-        entry["acc_virtual_layer"] = subgroup_accuracy(model, data["test"], device=device)
+    if acc_vl is not None:
+        entry["acc_virtual_layer"] = acc_vl
     return entry
 
 

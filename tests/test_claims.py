@@ -1,0 +1,62 @@
+"""The paper's claims on a reduced easy pair (carton-dugong), on the real embedded backbone.
+
+This is the regression test of the results issue: a change that kills the effect fails CI.
+
+What it asserts, and why these margins (measured, not tuned to pass; see README "Results"):
+
+* claim 1 (the warmed-up model has the watermark shortcut): c0w0 - c0w1 >= 0.20. Measured on
+  seeds 0-4 of the default benchmark: 0.46-0.59.
+* claim 2 (latent analysis finds it): the best subspace's watermark AP >= 0.85. Measured with
+  these settings on seeds 0-2: 0.936, 0.887, 0.912 (with a smaller DRSA set of 200 images and
+  one restart the watermark split over two subspaces on seed 0: 0.84 and 0.92).
+* claim 3's direction at the level the reduced setting supports: the ranking. Two CNP steps of
+  10 % without intermediate fine-tuning keep c0w1 accuracy at least 0.15 above two vanilla
+  LRP steps, at no cost in overall accuracy. Measured on seeds 0-2: c0w1 0.487 / 0.513 / 0.727
+  (CNP) vs 0.147 / 0.013 / 0.027 (vanilla); overall 0.858 / 0.857 / 0.897 vs 0.763 / 0.688 /
+  0.735. With the paper's intermediate fine-tuning the difference between the methods is within
+  the seed-to-seed spread on this benchmark (README, "Results"), so the full schedule is not
+  asserted here.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from cnp.figures import at_target
+from cnp.pipeline import make_params, open_run, run_evaluate
+
+
+@pytest.fixture
+def all_threads():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(os.environ.get("CNP_CLAIMS_THREADS", os.cpu_count() or 1))))
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.mark.slow
+def test_claims_on_reduced_easy_pair(tmp_path, all_threads):
+    p = make_params(
+        pair="carton-dugong", seed=0, run_dir=str(tmp_path / "run"), device="cpu",
+        n_rank=150, n_val_per_subgroup=100, n_test_per_subgroup=150,
+        drsa_steps=300, drsa_restarts=3, step=0.1, target=0.2, epochs_per_step=0, final_epochs=0,
+        wm_share_images=50, heatmap_images=2, methods=("cnp", "vanilla"),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # epochs_per_step=0 warns (the paper's catastrophic setting)
+        m = run_evaluate(open_run(p), verbose=False)
+
+    acc = m["unpruned"]["acc"]
+    assert acc["c0w0"] - acc["c0w1"] >= 0.20, acc                       # claim 1
+    ap = m["drsa"]["ap_watermark"]
+    assert max(ap) >= 0.85, ap                                           # claim 2
+    assert m["drsa"]["ablated"] == [int(torch.tensor(ap).argmax())]
+
+    cnp, van = at_target(m["curves"]["cnp"]), at_target(m["curves"]["vanilla"])
+    assert cnp["pruned"] == pytest.approx(0.2, abs=0.01)
+    assert cnp["acc"]["c0w1"] - van["acc"]["c0w1"] >= 0.15, (cnp["acc"], van["acc"])  # claim 3 (ranking)
+    assert cnp["acc"]["overall"] >= van["acc"]["overall"] - 0.01, (cnp["acc"], van["acc"])
