@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 .venv: $(STAMP)
 
 reproduce: $(STAMP)
-	$(BIN)/python -m cnp.sweep --preset reproduce --out runs/reproduce --figures figures
+	$(BIN)/python -m cnp.sweep --preset reproduce --out runs/reproduce --figures figures --workers 2
 
 # The notebooks run under nbval in smoke mode: their parameters cells read CNP_SMOKE (tiny sizes),
 # CNP_RUNS (where the run directory goes) and CNP_FIGURES (where 06 writes), all set to a

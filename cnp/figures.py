@@ -621,6 +621,17 @@ def make_all(runs: Sequence[RunRecord] | str | Path, out_dir: str | Path = "figu
         table_summary(groups), out_dir, "table_summary",
         title="At the target pruning rate (after the final fine-tuning), mean ± std over seeds; "
               "'unpruned' is the warmed-up model.")
+    sample_run = next((r for r in runs if r.pair == "carton-dugong" and r.metrics.get("dataset") == "synthetic"), None)
+    if sample_run is not None:
+        try:
+            from cnp.pipeline import load_data, make_params
+
+            test = load_data(make_params(**sample_run.metrics["params"]))["test"]
+            fig = fig_examples(test.images.permute(0, 2, 3, 1).numpy(), test.subgroups, test.masks.numpy(),
+                               per_group=6, title="embedded benchmark, carton-dugong test images per subgroup")
+            written["benchmark_samples"] = save_figure(fig, out_dir, "benchmark_samples")
+        except (CNPError, KeyError, TypeError) as exc:
+            note(f"benchmark sample figure skipped: {exc}")
     from cnp.claims import CLAIM_COLUMNS, claims_table
 
     claims = claims_table(list(runs))

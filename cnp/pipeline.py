@@ -92,7 +92,7 @@ class Params:
     wm_placement: str = "random"
     wm_rate_pos: float = 0.9
     wm_rate_neg: float = 0.05
-    faint_rate: float = 0.0
+    faint_rate: float = -1.0  # -1: the pair's default (0.5 for crate-packet, else 0)
     faint_opacity: float = 0.3
     backbone_epochs: int = 8
     backbone_images_per_class: int = 700
@@ -122,6 +122,7 @@ class Params:
     final_epochs: int = 2
     ft_lr: float = 1e-3
     ft_batch_size: int = 64
+    ft_grad_clip: float = 5.0
     ranking_data: str = "pos"
     aggregation: str = "abs"
     normalisation: str = "mean"
@@ -272,6 +273,8 @@ def _validate(p: Params) -> None:
         raise CNPError(f"lrp_variant must be alpha1beta0, epsilon or gamma, got {p.lrp_variant!r}")
     for name in ("wm_rate_pos", "wm_rate_neg", "faint_rate", "faint_opacity"):
         v = getattr(p, name)
+        if name == "faint_rate" and v == -1:
+            continue
         if not 0 <= v <= 1:
             raise CNPError(f"{name} must be a rate in [0, 1], got {v}")
     if p.subspace_method not in ("drsa", "prca"):
@@ -366,7 +369,7 @@ def synthetic_config(p: Params):
         pair=p.pair, seed=p.seed, image_size=p.image_size or 48, n_train_per_class=p.n_train_per_class,
         n_drsa=p.n_drsa, n_rank=p.n_rank, n_val_per_subgroup=p.n_val_per_subgroup,
         n_test_per_subgroup=p.n_test_per_subgroup, wm_rate_pos=p.wm_rate_pos, wm_rate_neg=p.wm_rate_neg,
-        faint_rate=p.faint_rate, faint_opacity=p.faint_opacity, wm_text=p.wm_text, wm_size=p.wm_size,
+        faint_rate=None if p.faint_rate == -1 else p.faint_rate, faint_opacity=p.faint_opacity, wm_text=p.wm_text, wm_size=p.wm_size,
         wm_opacity=p.wm_opacity, wm_color=p.wm_color, wm_placement=p.wm_placement,
     )
 
@@ -424,7 +427,7 @@ def _stage_key(p: Params, stage: str) -> str:
     groups = {
         1: ("layer", "K", "d_k", "lrp_variant", "drsa_steps", "drsa_restarts", "n_positions", "subspace_method"),
         2: ("ablate", "ap_threshold", "max_ablate", "ablation_mode"),
-        3: ("step", "target", "epochs_per_step", "final_epochs", "ft_lr", "ft_batch_size", "ranking_data",
+        3: ("step", "target", "epochs_per_step", "final_epochs", "ft_lr", "ft_batch_size", "ft_grad_clip", "ranking_data",
             "aggregation", "normalisation", "finetune_with_virtual_layer", "recompute_drsa", "wm_share_images"),
     }
     for level, keys in groups.items():
@@ -688,7 +691,7 @@ def run_prune(run: Run, verbose: bool = True) -> dict:
 
     abl = run_ablate(run, verbose)
     cfg = PruneConfig(step=p.step, target=p.target, epochs_per_step=p.epochs_per_step, final_epochs=p.final_epochs,
-                      lr=p.ft_lr, batch_size=p.ft_batch_size, ranking_data=p.ranking_data,
+                      lr=p.ft_lr, batch_size=p.ft_batch_size, grad_clip=p.ft_grad_clip, ranking_data=p.ranking_data,
                       aggregation=p.aggregation, normalisation=p.normalisation, protect=(p.protect_layer,),
                       finetune_with_virtual_layer=p.finetune_with_virtual_layer, recompute_drsa=p.recompute_drsa,
                       wm_share_images=p.wm_share_images, lrp=LRPConfig(variant=p.lrp_variant))

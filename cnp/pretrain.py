@@ -31,10 +31,13 @@ from cnp.models import (
     load_model,
     save_model,
 )
-from cnp.runtime import progress, seed_everything
+from cnp.runtime import fixed_threads, progress, seed_everything
 
 PRETRAIN_VERSION = 3
 WM_HEADS = ("dense", "global", "both")
+#: intra-op threads used for pretraining, whatever the machine has: the backbone is cached and
+#: shared, and its bytes depend on the thread count (see :func:`cnp.runtime.fixed_threads`)
+PRETRAIN_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,16 @@ def activation_rank(model: VGG, images_uint8: torch.Tensor, layer: str = "relu4_
 
 
 def train_backbone(cfg: BackboneConfig, verbose: bool = True) -> tuple[VGG, BackboneReport]:
-    """Pretrain a backbone from its recipe (no caching; see :func:`load_backbone`)."""
+    """Pretrain a backbone from its recipe (no caching; see :func:`load_backbone`).
+
+    Runs with :data:`PRETRAIN_THREADS` threads so that the result does not depend on the machine's
+    core count (same torch build and CPU instruction set: same bytes).
+    """
+    with fixed_threads(PRETRAIN_THREADS):
+        return _train_backbone(cfg, verbose)
+
+
+def _train_backbone(cfg: BackboneConfig, verbose: bool) -> tuple[VGG, BackboneReport]:
     t0 = time.perf_counter()
     g = seed_everything(cfg.seed)
     x_tr, y_tr, w_tr, m_tr = make_corpus_split(cfg.corpus, "train")

@@ -51,6 +51,23 @@ def configure_threads(num_threads: int | None = None) -> int:
     return torch.get_num_threads()
 
 
+@contextlib.contextmanager
+def fixed_threads(num_threads: int) -> Iterator[int]:
+    """Run a block with exactly ``num_threads`` intra-op threads, then restore the previous count.
+
+    Float reductions in torch's CPU kernels are split by thread count, so training with 1 and with
+    2 threads gives (slightly, and after chaotic training visibly) different weights. Work whose
+    result is cached and shared (the pretrained backbone) pins its thread count with this so that
+    every machine with the same torch build and CPU instruction set gets the same bytes.
+    """
+    prev = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(num_threads)))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(prev)
+
+
 def progress(iterable=None, **kwargs):
     """``tqdm.auto`` progress bar; disabled when ``CNP_PROGRESS=0``."""
     from tqdm.auto import tqdm

@@ -33,8 +33,13 @@ def train_epoch(
     amp: bool = False,
     class_weights: torch.Tensor | None = None,
     verbose: bool = True,
+    grad_clip: float = 0.0,
 ) -> float:
-    """One epoch of cross-entropy training on ``split`` (shuffled by ``generator``); mean loss."""
+    """One epoch of cross-entropy training on ``split`` (shuffled by ``generator``); mean loss.
+
+    ``grad_clip > 0`` clips the gradient norm (a heavily pruned network can otherwise take a step
+    that kills every ReLU of a layer, after which it predicts one class and cannot recover).
+    """
     model.train()
     device = torch.device(device)
     loss_fn = nn.CrossEntropyLoss(weight=class_weights.to(device) if class_weights is not None else None)
@@ -51,6 +56,8 @@ def train_epoch(
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss = loss_fn(model(x), y)
         loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         total += loss.detach().double() * len(y)
         count += len(y)

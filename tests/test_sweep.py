@@ -94,7 +94,9 @@ def test_cli_dry_run_and_usage_errors(tmp_path, capsys):
     assert "144 run(s)" in out and "carton-dugong/K-16_lrp-gamma_ep-10_rank-pos-neg_step-0.1" in out
     assert sweep.main(["--preset", "reproduce", "--out", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert f"{3 * len(sweep.REPRODUCE_SEEDS)} run(s)" in out and "basketball" in out
+    n_runs = sum(len(sweep.REPRODUCE_PAIR_SEEDS.get(pair, sweep.REPRODUCE_SEEDS))
+                 for pair in sweep.PRESETS["reproduce"]["pairs"])
+    assert f"{n_runs} run(s)" in out and "basketball" in out
     assert sweep.main(["--pairs", "carton-dugong", "--seeds", "0", "-p", "stpe=1", "--dry-run"]) == 2
     assert "unknown parameter 'stpe'" in capsys.readouterr().err
     assert sweep.main(["--seeds", "0", "--dry-run"]) == 2

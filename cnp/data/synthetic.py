@@ -172,6 +172,12 @@ class PairConfig:
         How similar the two classes look (used by ``crate-packet``; 0 = easy).
     object_scale : tuple of float
         Range of object sizes (smaller objects weaken the class signal).
+    faint_rate : float or None
+        Fraction of images whose object is drawn at ``faint_opacity`` (barely visible: a weak
+        class signal, so the watermark becomes the better cue for them). None: the pair's
+        default, 0.5 for ``crate-packet`` (the hard pair), 0 otherwise.
+    faint_opacity : float
+        Opacity of the faint objects.
     """
 
     pair: str = "carton-dugong"
@@ -187,7 +193,7 @@ class PairConfig:
     style: WatermarkStyle = field(default_factory=WatermarkStyle)
     hardness: float | None = None
     object_scale: tuple[float, float] = (0.45, 0.75)
-    faint_rate: float = 0.0
+    faint_rate: float | None = None
     faint_opacity: float = 0.3
 
     def __post_init__(self) -> None:
@@ -195,7 +201,8 @@ class PairConfig:
             raise CNPError(f"unknown pair {self.pair!r}; known pairs: {', '.join(PAIRS)}")
         _check_rate("wm_rate_pos", self.wm_rate_pos)
         _check_rate("wm_rate_neg", self.wm_rate_neg)
-        _check_rate("faint_rate", self.faint_rate)
+        if self.faint_rate is not None:
+            _check_rate("faint_rate", self.faint_rate)
         _check_rate("faint_opacity", self.faint_opacity)
         for f in ("n_train_per_class", "n_drsa", "n_rank", "n_val_per_subgroup", "n_test_per_subgroup"):
             v = getattr(self, f)
@@ -209,6 +216,13 @@ class PairConfig:
     @property
     def classes(self) -> tuple[str, str]:
         return PAIRS[self.pair]
+
+    @property
+    def effective_faint_rate(self) -> float:
+        """``faint_rate``, or the pair's default: 0.5 for the hard pair (weak class signal), else 0."""
+        if self.faint_rate is not None:
+            return float(self.faint_rate)
+        return 0.5 if self.pair == "crate-packet" else 0.0
 
     @property
     def effective_hardness(self) -> float:
@@ -240,8 +254,8 @@ def _render_pair_images(cfg: PairConfig, cls_name: str, wm_flags: torch.Tensor, 
     bg = render_backgrounds(n, cfg.image_size, g)
     layer = render_objects(cls_name, n, cfg.image_size, g, hardness=cfg.effective_hardness,
                            scale=cfg.object_scale)
-    if cfg.faint_rate > 0:  # weak class signal: some objects are barely visible
-        faint = torch.rand(n, generator=g) < cfg.faint_rate
+    if cfg.effective_faint_rate > 0:  # weak class signal: some objects are barely visible
+        faint = torch.rand(n, generator=g) < cfg.effective_faint_rate
         layer.alpha = torch.where(faint[:, None, None], layer.alpha * cfg.faint_opacity, layer.alpha)
     img = compose(bg, layer)
     masks = torch.zeros(n, cfg.image_size, cfg.image_size, dtype=torch.bool)

@@ -69,6 +69,9 @@ class PruneConfig:
     final_epochs : int
         Epochs of the final recovery fine-tune.
     lr, momentum, weight_decay, batch_size, optimizer : fine-tuning (SGD by default).
+    grad_clip : float
+        Gradient-norm clipping while fine-tuning (0 disables); guards heavily pruned networks
+        against a step that leaves them predicting one class.
     ranking_data : str
         ``pos`` (positive images of the ranking set, the paper) or ``pos+neg``.
     aggregation : str
@@ -107,6 +110,7 @@ class PruneConfig:
     weight_decay: float = 5e-4
     batch_size: int = 64
     optimizer: str = "sgd"
+    grad_clip: float = 5.0
     ranking_data: str = "pos"
     aggregation: str = "abs"
     normalisation: str = "mean"
@@ -216,7 +220,7 @@ def _finetune(model: VGG, data: PairData, cfg: PruneConfig, epochs: int, seed_pa
     try:
         for e in range(epochs):
             train_epoch(model, data["train"], opt, g, cfg.batch_size, device, desc=f"fine-tune {e + 1}/{epochs}",
-                        amp=cfg.amp, verbose=verbose)
+                        amp=cfg.amp, verbose=verbose, grad_clip=cfg.grad_clip)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
