@@ -16,9 +16,11 @@ import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: `import cnp.io` stays torch-free
+    import torch
+
 
 
 class CNPError(ValueError):
@@ -88,12 +90,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Pat
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     """Atomically ``torch.save`` an object made of tensors, numbers, strings, lists and dicts."""
+    import torch  # imported here: the sweep's worker processes import this module without torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs on load).
 
     Raises
@@ -101,6 +105,8 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
     CNPError
         When the file is missing, truncated or not a weights-only checkpoint.
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CNPError(f"checkpoint {path} does not exist")
@@ -138,6 +144,8 @@ def recipe_hash(recipe: Mapping[str, Any], length: int = 16) -> str:
 
 def tensor_hash(*tensors: torch.Tensor, length: int = 16) -> str:
     """A short content hash of tensors (shape, dtype and bytes)."""
+    import torch
+
     h = hashlib.sha256()
     for t in tensors:
         t = t.detach().cpu().contiguous()

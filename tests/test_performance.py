@@ -216,3 +216,27 @@ def test_accuracy_with_and_without_the_virtual_layer_in_one_pass(tiny_vgg, rando
         assert torch.equal(seen[0], want_plain) and torch.equal(seen[1], want_vl)
         assert plain == real(want_plain, split) and with_vl == real(want_vl, split)
         assert vl.enabled is enabled
+
+
+def test_peak_memory_tool_counts_the_children(tmp_path):
+    """bench/peak_memory.py sums the whole process tree: a grandchild holding ~300 MB must show
+    up in the peak (a single-process measure of the parent shell would miss it), the JSON is
+    written, and --bound-gb turns an excess into exit status 1."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "peak_memory.py"
+    hold = "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1.5)"
+    child = f"{sys.executable} -c \"{hold}\""
+    out = tmp_path / "peak.json"
+    res = subprocess.run([sys.executable, str(script), "--interval", "0.1", "--out", str(out), "--",
+                          "sh", "-c", f"{child} & {child}; wait"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(out.read_text())
+    assert got["peak_processes"] >= 3  # sh and two python children
+    assert got["peak_pss_gb"] > 0.55, got  # two children of 300 MB each, at the same time
+    res = subprocess.run([sys.executable, str(script), "--interval", "0.1", "--bound-gb", "0.1", "--",
+                          sys.executable, "-c", hold], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "exceeds the bound" in res.stderr

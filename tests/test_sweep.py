@@ -312,3 +312,62 @@ def test_notebook_parameter_defaults_match_params():
                         assert value == defaults[name], f"{path.name}: {name} = {value!r}, Params has {defaults[name]!r}"
                         checked += 1
     assert checked >= 5 * 10
+
+
+def test_workers_die_with_a_killed_sweep(tmp_path):
+    """A sweep process killed alone (SIGKILL to its pid, not its group) takes its pool workers with
+    it (PR_SET_PDEATHSIG), so no orphan keeps writing into run directories."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux only")
+    code = r"""
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from cnp.sweep import _die_with_parent
+def work(_):
+    time.sleep(120)
+if __name__ == "__main__":
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent) as pool:
+        futs = [pool.submit(work, i) for i in range(2)]
+        time.sleep(0.5)
+        pids = list(pool._processes)
+        while len(pids) < 2:
+            time.sleep(0.1)
+            pids = list(pool._processes)
+        print(*pids, flush=True)
+        time.sleep(120)
+"""
+    script = tmp_path / "pool.py"
+    script.write_text(code)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        pids = [int(x) for x in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        time.sleep(1.0)  # the workers have run their initializer (they are in work())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in pids if _alive(p)]
+            time.sleep(0.1)
+        assert not alive, f"workers {alive} outlived the killed sweep"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sweep_module_does_not_import_torch():
+    """The local pool's workers only drive papermill: importing cnp.sweep (what a spawned worker
+    does) must not import torch (~0.3 GB of private memory per worker)."""
+    code = "import sys, cnp.sweep; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
