@@ -11,7 +11,7 @@ of a sweep (mean ± std over seeds). The thresholds are the issue's, not tuned:
 4. **Heatmaps**: CNP at least halves the share of relevance on watermark pixels vs vanilla.
 5. **Hard pair**: whether the paper's negative result (no OOD gain) reproduces — reported, no
    threshold (a gain below 10 points counts as "no gain", as in claim 3).
-6. **Robustness**: the direction of claim 3 (CNP's c0w1 above vanilla's) for every run group
+6. **Robustness**: claim 3 (same margins) for every run group
    whose label names a watermark style or ablation mode (e.g. a ``styles`` sweep).
 """
 
@@ -139,11 +139,10 @@ def claims_table(runs: Sequence[RunRecord] | str) -> list[dict]:
         rows.append(claim_hard(hard))
     for label, rs in groups.items():
         if rs[0].pair == EASY and label != EASY:
+            # "the effect holds" for a style or ablation mode: claim 3's margins (c0w1 +0.10,
+            # overall no more than 1 point lower), not merely the direction
             row = claim_ood(rs, number=6)
             row["what"] = f"{label}: " + row["what"]
-            row["target"] = "CNP c0w1 > vanilla c0w1"
-            c_cnp, c_van = _paired(rs, lambda e: e["acc"]["c0w1"])
-            row["holds"] = bool(c_cnp and np.mean(c_cnp) > np.mean(c_van))
             rows.append(row)
     for r in rows:
         r["holds"] = "yes" if r["holds"] else "no"

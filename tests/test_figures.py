@@ -223,3 +223,31 @@ def test_load_heatmaps_arrays(tmp_path):
     assert h["images"].shape == (3, 12, 12, 3) and h["images"].dtype == np.uint8
     assert h["subspaces"].shape == (3, 4, 12, 12) and h["pruned"].shape == (3, 12, 12)
     assert figures.load_heatmaps(tmp_path / "nothing") is None
+
+
+def test_claims_table_margins(tmp_path):
+    """cnp.claims applies the results issue's thresholds: claim 3 (and claim 6 per style group)
+    needs CNP's mean c0w1 >= vanilla's + 0.10 with overall no more than 1 point lower; a mere
+    direction (+0.02) does not count; claim 4 needs the share halved."""
+    from cnp.claims import claims_table
+    from cnp.figures import RunRecord
+
+    def run(label, seed, c_cnp, c_van, share_cnp=0.1, share_van=0.1, ov=(0.9, 0.9)):
+        def curve(c0w1, overall, share):
+            acc = {"overall": overall, "c0w0": 0.9, "c0w1": c0w1, "c1w0": 0.9, "c1w1": 0.9}
+            return [{"pruned": 0.8, "stage": "final", "acc": acc, "wm_relevance_share": share}]
+        m = {"unpruned": {"acc": {"overall": 0.9, "c0w0": 1.0, "c0w1": 0.6, "c1w0": 1.0, "c1w1": 1.0}},
+             "drsa": {"ap_watermark": [0.5, 0.9], "wm_relevance_share": [0.1, 0.3]},
+             "curves": {"cnp": curve(c_cnp, ov[0], share_cnp), "vanilla": curve(c_van, ov[1], share_van)}}
+        return RunRecord(label=label, pair="carton-dugong", seed=seed, run_dir=tmp_path, metrics=m)
+
+    runs = [run("carton-dugong", s, 0.8, 0.6, 0.05, 0.12) for s in range(3)]
+    runs += [run("carton-dugong/wm_text-x", s, 0.80, 0.78) for s in range(3)]          # direction only
+    runs += [run("carton-dugong/ablation_mode-mean", s, 0.8, 0.6, ov=(0.85, 0.9)) for s in range(3)]  # overall -5
+    rows = {(r["claim"], r["what"].split(":")[0]): r for r in claims_table(runs)}
+    assert rows[(1, "unpruned c0w0 - c0w1 (accuracy points)")]["holds"] == "yes"
+    assert rows[(2, "best subspace AP (watermark); and it has the largest watermark share")]["holds"] == "yes"
+    assert rows[(3, "c0w1 at the target rate")]["holds"] == "yes"
+    assert rows[(4, "share of relevance on watermark pixels at the target rate")]["holds"] == "yes"
+    assert rows[(6, "carton-dugong/wm_text-x")]["holds"] == "no"
+    assert rows[(6, "carton-dugong/ablation_mode-mean")]["holds"] == "no"
