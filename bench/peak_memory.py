@@ -25,9 +25,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cnp.io import atomic_write_json  # noqa: E402  (torch-free import)
 
 
 def _children(pid: int) -> list[int]:
@@ -96,13 +99,7 @@ def main(argv: list[str] | None = None) -> int:
               "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(result, indent=1), flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(result, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, args.out)
+        atomic_write_json(args.out, result, indent=1)
     if proc.returncode:
         return proc.returncode
     if args.bound_gb is not None and result["peak_pss_gb"] > args.bound_gb:

@@ -672,13 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare_shared(jobs: Sequence[Job], verbose: bool = True) -> None:
-    """Build what the runs share (the embedded backbone) once, with every core, before the
-    workers start (otherwise each worker would pretrain the same backbone at the same time)."""
-    import torch
-
+    """Build what the runs share (the embedded backbone) once, before the workers start
+    (otherwise each worker would pretrain the same backbone at the same time). Pretraining pins its
+    own thread count (:data:`cnp.pretrain.PRETRAIN_THREADS`)."""
     from cnp.io import recipe_hash
     from cnp.pipeline import backbone_config, make_params
-    from cnp.pretrain import backbone_path, load_backbone
+    from cnp.pretrain import PRETRAIN_THREADS, backbone_path, load_backbone
 
     seen: set[str] = set()
     for j in jobs:
@@ -694,13 +693,8 @@ def prepare_shared(jobs: Sequence[Job], verbose: bool = True) -> None:
             continue
         seen.add(key)
         if verbose and not backbone_path(cfg).exists():
-            print(f"[sweep] pretraining the shared backbone once ({available_cores()} threads)", flush=True)
-        prev = torch.get_num_threads()
-        torch.set_num_threads(max(1, available_cores()))
-        try:
-            load_backbone(cfg, verbose=verbose)
-        finally:
-            torch.set_num_threads(prev)
+            print(f"[sweep] pretraining the shared backbone once ({PRETRAIN_THREADS} threads)", flush=True)
+        load_backbone(cfg, verbose=verbose)
 
 
 def _die_with_parent() -> None:
