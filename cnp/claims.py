@@ -95,14 +95,31 @@ def claim_ood(runs: Sequence[RunRecord], number: int = 3) -> dict:
             "holds": holds, "seeds_holding": f"{sum(a > b for a, b in zip(c_cnp, c_van))}/{n} seeds CNP > vanilla"}
 
 
+def _area(runs: Sequence[RunRecord]) -> float:
+    """Mean watermark area fraction of the runs' share images (nan for runs that predate it)."""
+    return _ms([r.metrics["unpruned"].get("wm_area_fraction", float("nan")) for r in runs])[0]
+
+
 def claim_heatmap(runs: Sequence[RunRecord]) -> dict:
+    """Claim 4, with the issue's target (ratio of shares <= 0.5).
+
+    Also reported, not judged: the area-corrected ratio ``(CNP - area) / (vanilla - area)``, where
+    ``area`` is the watermark's mean pixel fraction (``unpruned.wm_area_fraction``), the share of a
+    heatmap with no preference for the watermark. When vanilla's share is below twice the area,
+    the issue's target asks CNP to put *less* relevance on the watermark than an indifferent model
+    would, and the corrected ratio says how much of the watermark's excess relevance CNP removed.
+    """
     s_cnp, s_van = _paired(runs, lambda e: e["wm_relevance_share"])
     cm, cs, n = _ms(s_cnp)
     vm, vs, _ = _ms(s_van)
     ratio = cm / vm if n and vm > 0 else float("nan")
+    area = _area(runs)
+    measured = f"{_fmt(cm, cs, n)} vs {_fmt(vm, vs, n)} (ratio {ratio:.2f})" if n else "n/a"
+    if n and not math.isnan(area) and vm > area:
+        measured += (f"; watermark area {area:.3f}, excess over area {cm - area:.3f} vs {vm - area:.3f} "
+                     f"(ratio {(cm - area) / (vm - area):.2f}, not judged)")
     return {"claim": 4, "what": "share of relevance on watermark pixels at the target rate: CNP vs vanilla",
-            "target": "CNP <= 0.5 x vanilla", "measured": f"{_fmt(cm, cs, n)} vs {_fmt(vm, vs, n)} (ratio {ratio:.2f})"
-            if n else "n/a", "holds": bool(n and ratio <= 0.5),
+            "target": "CNP <= 0.5 x vanilla", "measured": measured, "holds": bool(n and ratio <= 0.5),
             "seeds_holding": f"{sum(a <= 0.5 * b for a, b in zip(s_cnp, s_van))}/{n}"}
 
 

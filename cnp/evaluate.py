@@ -95,6 +95,23 @@ def mask_share(heatmaps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return torch.where(tot > 0, on / tot.clamp(min=1e-12), torch.zeros_like(tot))
 
 
+def wm_area_fraction(split: Split, max_images: int | None = 400) -> float:
+    """Mean fraction of image pixels inside the watermark mask, over the images that
+    :func:`wm_relevance_share` explains (the watermarked images of ``split``, at most
+    ``max_images``, in order).
+
+    The share of relevance that a model with no preference for the watermark puts on its pixels:
+    a heatmap spread evenly over the image has exactly this share, so ``share - area`` is the
+    excess relevance that the watermark attracts.
+    """
+    idx = torch.nonzero(split.wm).flatten()
+    if max_images is not None:
+        idx = idx[:max_images]
+    if idx.numel() == 0:
+        return float("nan")
+    return float(split.masks[idx].float().mean())
+
+
 def wm_relevance_share(model: nn.Module, split: Split, lrp_config: LRPConfig | None = None,
                        target: int = 1, device: torch.device | str = "cpu", batch_size: int = 64,
                        max_images: int | None = 400) -> float:

@@ -527,7 +527,7 @@ def run_warmup(run: Run, verbose: bool = True) -> dict:
     done = _done(run, "warmup")
     if done is not None:
         return done
-    from cnp.evaluate import wm_relevance_share
+    from cnp.evaluate import wm_area_fraction, wm_relevance_share
     from cnp.warmup import warmup
 
     p = run.params
@@ -539,7 +539,9 @@ def run_warmup(run: Run, verbose: bool = True) -> dict:
         share = wm_relevance_share(res.model, data["test"], _lrp_config(p), device=run.device,
                                    max_images=p.wm_share_images)
     return _finish(run, "warmup", {
-        "acc": res.test_acc, "val_acc": res.val_acc, "wm_relevance_share": share, "loss_history": res.history,
+        "acc": res.test_acc, "val_acc": res.val_acc, "wm_relevance_share": share,
+        "wm_area_fraction": wm_area_fraction(data["test"], p.wm_share_images),
+        "loss_history": res.history,
         "data": {k: {"n": len(s), **s.counts()} for k, s in data.splits.items()},
         "seconds": run.timer.times.get("warmup", 0.0),
     })
@@ -745,7 +747,8 @@ def run_evaluate(run: Run, verbose: bool = True) -> dict:
         timings[f"prune:{m}"] = float(sum(t.values()))
     metrics = {
         "pair": p.pair, "seed": p.seed, "dataset": p.dataset, "params": p.to_dict(),
-        "unpruned": {"acc": warm["acc"], "wm_relevance_share": warm["wm_relevance_share"]},
+        "unpruned": {"acc": warm["acc"], "wm_relevance_share": warm["wm_relevance_share"],
+                     "wm_area_fraction": warm.get("wm_area_fraction", float("nan"))},
         "drsa": {"layer": p.layer, "K": p.K, "d_k": aug["d_k"], "J": aug["J"], "ap_watermark": abl["ap_watermark"],
                  "wm_relevance_share": abl["wm_relevance_share"], "ablated": abl["ablated"]},
         "curves": {m: [_curve_entry(e) for e in c] for m, c in pr["curves"].items()},

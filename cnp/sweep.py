@@ -105,10 +105,17 @@ TABLE1_SELECTED: dict[str, Any] = {"K": 4, "lrp_variant": "alpha1beta0", "epochs
 # and the basketball demo, and one easy-pair seed, as constant classifiers), 200 ranking images
 # instead of 500, 300 test images per subgroup instead of 500, DRSA 300 steps x 2 restarts on 300
 # images.
+# K = 8 subspaces (d_k = 16) is the embedded benchmark's choice from Table 1's values 4, 8, 16,
+# made on the validation split (easy pair, seeds 0-4, c0w1 after the final fine-tune, CNP minus
+# vanilla: K = 4 +0.136 +- 0.233 with CNP ahead on 3/5 seeds, K = 8 +0.134 +- 0.137 on 5/5,
+# K = 16 +0.102 +- 0.186 on 4/5; overall +0.02-0.03 for all three). The paper's K = 4 stays the
+# Params default (the ImageNet path). The share of relevance on watermark pixels is measured on 200
+# images (the Params default), not 60: at 60 the per-subspace shares of claim 2 differed by less
+# than their sampling noise (0.250 vs 0.256 on seed 3).
 REPRODUCE_SEEDS: list[int] = [0, 1, 2, 3, 4]
 REPRODUCE_PARAMS: dict[str, Any] = {
-    "step": 0.1, "n_drsa": 300, "n_rank": 200, "n_val_per_subgroup": 100, "n_test_per_subgroup": 300,
-    "drsa_steps": 300, "drsa_restarts": 2, "wm_share_images": 60, "heatmap_images": 4,
+    "K": 8, "step": 0.1, "n_drsa": 300, "n_rank": 200, "n_val_per_subgroup": 100, "n_test_per_subgroup": 300,
+    "drsa_steps": 300, "drsa_restarts": 2, "wm_share_images": 200, "heatmap_images": 4,
 }
 #: per-pair values on top of REPRODUCE_PARAMS: the Figure 1 demo ablates the ball subspace
 #: (chosen from the heatmaps' share of relevance on the ball, a stand-in for human evaluation)
@@ -117,9 +124,9 @@ REPRODUCE_PAIR_PARAMS: dict[str, dict[str, Any]] = {"basketball": {"ablate": "ma
 REPRODUCE_PAIR_SEEDS: dict[str, list[int]] = {"crate-packet": [0, 1], "basketball": [0]}
 
 #: `python -m cnp.sweep --preset full`: the full-fidelity settings (Params defaults), 5 seeds,
-#: with the l1 and random baselines.
+#: with the l1 and random baselines, and the embedded benchmark's K = 8 (see REPRODUCE_PARAMS).
 FULL_SEEDS: list[int] = [0, 1, 2, 3, 4]
-FULL_PARAMS: dict[str, Any] = {"methods": "cnp,vanilla,l1,random"}
+FULL_PARAMS: dict[str, Any] = {"methods": "cnp,vanilla,l1,random", "K": 8}
 
 #: `python -m cnp.sweep --preset styles`: claim 6 - held-out watermark styles and both ablation
 #: modes on the easy pair (one grid axis at a time around the defaults).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -251,3 +252,37 @@ def test_claims_table_margins(tmp_path):
     assert rows[(4, "share of relevance on watermark pixels at the target rate")]["holds"] == "yes"
     assert rows[(6, "carton-dugong/wm_text-x")]["holds"] == "no"
     assert rows[(6, "carton-dugong/ablation_mode-mean")]["holds"] == "no"
+
+
+def test_claim_heatmap_reports_excess_over_area(tmp_path):
+    """Claim 4 keeps the issue's target (ratio <= 0.5) and adds the area-corrected ratio
+    (CNP - area) / (vanilla - area) from ``unpruned.wm_area_fraction``, without judging it."""
+    from cnp.claims import claim_heatmap
+    from cnp.figures import RunRecord
+
+    def run(seed, share_cnp, share_van, area):
+        def curve(share):
+            acc = {"overall": 0.9, "c0w0": 0.9, "c0w1": 0.8, "c1w0": 0.9, "c1w1": 0.9}
+            return [{"pruned": 0.8, "stage": "final", "acc": acc, "wm_relevance_share": share}]
+        m = {"unpruned": {"acc": {}, "wm_area_fraction": area},
+             "curves": {"cnp": curve(share_cnp), "vanilla": curve(share_van)}}
+        return RunRecord(label="carton-dugong", pair="carton-dugong", seed=seed, run_dir=tmp_path, metrics=m)
+
+    row = claim_heatmap([run(s, 0.10, 0.16, 0.08) for s in range(2)])
+    assert row["holds"] is False                      # 0.10 / 0.16 = 0.62 > 0.5
+    assert "ratio 0.62" in row["measured"]
+    assert "excess over area 0.020 vs 0.080 (ratio 0.25, not judged)" in row["measured"]
+    # runs without the area field (older metrics.json): the plain ratio only
+    old = [run(s, 0.05, 0.16, float("nan")) for s in range(2)]
+    row = claim_heatmap(old)
+    assert row["holds"] is True and "excess" not in row["measured"]
+
+
+def test_wm_area_fraction_counts_mask_pixels(tiny_pair):
+    """The area fraction is the mean mask coverage of the watermarked images, capped at max_images."""
+    from cnp.evaluate import wm_area_fraction
+    split = tiny_pair["test"]
+    idx = torch.nonzero(split.wm).flatten()
+    assert wm_area_fraction(split, None) == pytest.approx(float(split.masks[idx].float().mean()))
+    assert wm_area_fraction(split, 1) == pytest.approx(float(split.masks[idx[:1]].float().mean()))
+    assert math.isnan(wm_area_fraction(split, 0))
