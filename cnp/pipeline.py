@@ -419,7 +419,12 @@ def _lrp_config(p: Params):
 
 
 def _stage_key(p: Params, stage: str) -> str:
-    """Hash of the parameters a stage depends on (later stages include earlier ones)."""
+    """Hash of the parameters a stage depends on (later stages include earlier ones).
+
+    A parameter in no group below is part of every stage's key. ``wm_share_images`` is one of
+    them: the warm-up stage measures the watermark share and the ablate stage the per-subspace
+    shares on that many images, so a changed count must not reuse their summaries.
+    """
     d = p.to_dict()
     for k in ("run_dir", "device", "threads", "methods", "heatmap_images"):
         d.pop(k)
@@ -428,7 +433,7 @@ def _stage_key(p: Params, stage: str) -> str:
         1: ("layer", "K", "d_k", "lrp_variant", "drsa_steps", "drsa_restarts", "n_positions", "subspace_method"),
         2: ("ablate", "ap_threshold", "max_ablate", "ablation_mode"),
         3: ("step", "target", "epochs_per_step", "final_epochs", "ft_lr", "ft_batch_size", "ft_grad_clip", "ranking_data",
-            "aggregation", "normalisation", "finetune_with_virtual_layer", "recompute_drsa", "wm_share_images"),
+            "aggregation", "normalisation", "finetune_with_virtual_layer", "recompute_drsa"),
     }
     for level, keys in groups.items():
         if order[stage] < level:

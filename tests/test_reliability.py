@@ -689,3 +689,18 @@ def test_notebook_bad_parameter_stops_in_the_first_cells(rel, tmp_path, monkeypa
     assert "parameters" in tags[failing - 2] and "injected-parameters" in tags[failing - 1]
     assert not (tmp_path / "r").exists()
     assert refused(rel.netlog) == []
+
+
+def test_stage_keys_follow_the_parameters_each_stage_uses():
+    """A stage's cache key changes with every parameter that stage (or an earlier one) uses and
+    with no later-stage parameter: ``wm_share_images`` is used by the warm-up (watermark share)
+    and ablate (per-subspace shares) stages, so it must reach the warm-up key; the schedule's
+    ``step`` only reaches prune and evaluate."""
+    from cnp.pipeline import _stage_key, make_params
+
+    base = make_params(pair="carton-dugong", seed=0, smoke=True)
+    shares = make_params(pair="carton-dugong", seed=0, smoke=True, wm_share_images=base.wm_share_images + 1)
+    step = make_params(pair="carton-dugong", seed=0, smoke=True, step=0.2)
+    for stage in ("warmup", "augment", "ablate", "prune", "evaluate"):
+        assert _stage_key(shares, stage) != _stage_key(base, stage), stage
+        assert (_stage_key(step, stage) != _stage_key(base, stage)) == (stage in ("prune", "evaluate")), stage
