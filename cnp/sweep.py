@@ -67,6 +67,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -492,14 +493,107 @@ def _error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}"
 
 
+#: Seconds a notebook kernel may use (almost) no CPU while papermill waits on a cell before the
+#: sweep calls it hung (``$CNP_KERNEL_STALL_S``; 0 disables the watchdog). Measured here: about
+#: 1 in 50 notebook executions, with ipykernel 7.4 and 6.31 alike, the cell finished but its reply
+#: never reached papermill; the kernel then sat idle (0 CPU ticks in 20 s) and the sweep waited
+#: forever. Every cell of notebooks 01-05 computes, so 15 minutes without CPU is not a slow cell.
+KERNEL_STALL_S = 900.0
+STALL_CPU_FRACTION = 0.01   # "almost no CPU": under 1 % of one core over the whole window
+
+
+class KernelStalled(CNPError):
+    """A notebook's kernel sat idle while its cell never returned; the watchdog killed it."""
+
+
+def _descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def _cpu_ticks(pids: Sequence[int]) -> int:
+    """User + system CPU time of ``pids`` in clock ticks (processes that are gone count 0)."""
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += int(fields[11]) + int(fields[12])   # utime, stime (fields 14 and 15 of stat)
+    return total
+
+
+class _StallWatchdog:
+    """Kill this process's children (the notebook kernel) when, for ``stall_s`` seconds, the same
+    children used less than STALL_CPU_FRACTION of a core. ``fired`` says whether it did."""
+
+    def __init__(self, stall_s: float, poll_s: float | None = None):
+        import threading
+
+        self.stall_s, self.poll_s = stall_s, poll_s or max(0.2, min(30.0, stall_s / 4))
+        self.fired, self._stop = False, threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="cnp-kernel-watchdog", daemon=True)
+
+    def __enter__(self):
+        if self.stall_s > 0 and Path("/proc/self/task").exists():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _watch(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        since, kids, ticks = time.monotonic(), None, 0
+        while not self._stop.wait(self.poll_s):
+            now_kids = sorted(_descendants(os.getpid()))
+            now_ticks = _cpu_ticks(now_kids)
+            if now_kids != kids or now_ticks - ticks > STALL_CPU_FRACTION * tick * (time.monotonic() - since):
+                since, kids, ticks = time.monotonic(), now_kids, now_ticks     # activity: restart the window
+            elif now_kids and time.monotonic() - since >= self.stall_s:
+                for p in now_kids:
+                    try:
+                        os.kill(p, signal.SIGKILL)
+                    except OSError:
+                        pass
+                self.fired = True
+                return
+
+
 def execute(src: Path, dst: Path, parameters: Mapping[str, Any], kernel: str = KERNEL,
-            cwd: Path | None = None) -> None:
-    """Execute one notebook with papermill (raises on a failing cell; ``dst`` keeps the error)."""
+            cwd: Path | None = None, stall_s: float | None = None) -> None:
+    """Execute one notebook with papermill (raises on a failing cell; ``dst`` keeps the error).
+
+    A watchdog kills the kernel when it sits without CPU for ``stall_s`` seconds (default
+    ``$CNP_KERNEL_STALL_S``, else KERNEL_STALL_S) and :class:`KernelStalled` is raised instead of
+    waiting forever.
+    """
     import papermill
 
+    if stall_s is None:
+        stall_s = float(os.environ.get("CNP_KERNEL_STALL_S", KERNEL_STALL_S))
     dst.parent.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(str(src), str(dst), parameters=dict(parameters), kernel_name=kernel,
-                               progress_bar=False, log_output=False, cwd=str(cwd) if cwd else None)
+    with _StallWatchdog(stall_s) as dog:
+        try:
+            papermill.execute_notebook(str(src), str(dst), parameters=dict(parameters), kernel_name=kernel,
+                                       progress_bar=False, log_output=False, cwd=str(cwd) if cwd else None)
+        except Exception as exc:
+            if dog.fired:
+                raise KernelStalled(f"the kernel of {src.name} used no CPU for {stall_s:.0f} s while a cell "
+                                    "was running (its reply was lost); the watchdog killed it") from exc
+            raise
 
 
 def run_job(job: Job, threads: int = 1, kernel: str = KERNEL, notebooks: str | Path = NOTEBOOK_DIR,
@@ -528,7 +622,11 @@ def run_job(job: Job, threads: int = 1, kernel: str = KERNEL, notebooks: str | P
             dst = run_dir / name
             t1 = time.perf_counter()
             try:
-                execute(src, dst, injected_parameters(src, values), kernel=kernel, cwd=run_dir)
+                try:
+                    execute(src, dst, injected_parameters(src, values), kernel=kernel, cwd=run_dir)
+                except KernelStalled as exc:   # once: the stages it finished are reused
+                    print(f"[sweep] {job.label} seed {job.seed}: {exc}; running {name} again", flush=True)
+                    execute(src, dst, injected_parameters(src, values), kernel=kernel, cwd=run_dir)
             except Exception as exc:  # noqa: BLE001 - any failure of a run is reported, not raised
                 line = _error_line(exc)
                 print(f"[sweep] {job.label} seed {job.seed}: FAILED in {name}: {line}", flush=True)

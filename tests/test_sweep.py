@@ -371,3 +371,58 @@ def test_sweep_module_does_not_import_torch():
     does) must not import torch (~0.3 GB of private memory per worker)."""
     code = "import sys, cnp.sweep; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def _one_cell_notebook(path: Path, code: str) -> Path:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    nb.metadata["kernelspec"] = {"name": sweep.KERNEL, "display_name": sweep.KERNEL, "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="the watchdog reads /proc (Linux)")
+def test_idle_kernel_is_killed_and_reported(tmp_path):
+    """A kernel that sits without CPU while its cell never returns (as when papermill loses the
+    cell's reply) is killed after ``stall_s`` and reported as KernelStalled, instead of a wait
+    without end. Here the cell sleeps 300 s; the watchdog gives up after 3 s."""
+    src = _one_cell_notebook(tmp_path / "idle.ipynb", "import time\ntime.sleep(300)")
+    t0 = time.monotonic()
+    with pytest.raises(sweep.KernelStalled, match=r"idle.ipynb used no CPU for 3 s"):
+        sweep.execute(src, tmp_path / "out.ipynb", {}, stall_s=3)
+    assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="the watchdog reads /proc (Linux)")
+def test_busy_kernel_is_not_killed(tmp_path):
+    """A cell that computes for longer than ``stall_s`` is left alone: CPU use restarts the window."""
+    src = _one_cell_notebook(tmp_path / "busy.ipynb",
+                             "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 8:\n    pass\nprint('done')")
+    sweep.execute(src, tmp_path / "out.ipynb", {}, stall_s=2)
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert "done" in out.cells[0].outputs[0]["text"]
+
+
+def test_run_job_reruns_a_stalled_notebook_once(tmp_path, monkeypatch, capsys):
+    """run_job runs a notebook whose kernel stalled once more (its finished stages are reused), and
+    reports a failure when it stalls again."""
+    job = sweep.plan(["carton-dugong"], [0], tmp_path, {"smoke": True})[0]
+    calls = []
+
+    def fake_execute(src, dst, parameters, kernel=sweep.KERNEL, cwd=None, stall_s=None):
+        calls.append(src.name)
+        if src.name == "03_ablate.ipynb" and calls.count(src.name) <= stalls:
+            raise sweep.KernelStalled(f"the kernel of {src.name} used no CPU for 900 s")
+        if src.name == sweep.RUN_NOTEBOOKS[-1]:
+            (Path(job.run_dir) / "metrics.json").write_text("{}")
+
+    monkeypatch.setattr(sweep, "execute", fake_execute)
+    stalls = 1
+    res = sweep.run_job(job, status=("run", "test"))
+    assert res["status"] == "done", res
+    assert calls.count("03_ablate.ipynb") == 2 and calls[-1] == sweep.RUN_NOTEBOOKS[-1]
+    assert "used no CPU for 900 s; running 03_ablate.ipynb again" in capsys.readouterr().out
+    calls.clear()
+    stalls = 2
+    res = sweep.run_job(job, status=("run", "test"))
+    assert res["status"] == "failed" and "03_ablate" in res["notebook"] and "KernelStalled" in res["error"]
+    assert calls.count("03_ablate.ipynb") == 2 and sweep.RUN_NOTEBOOKS[-1] not in calls
