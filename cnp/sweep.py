@@ -483,6 +483,7 @@ def _set_thread_env(threads: int) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CNP_THREADS"):
         os.environ[var] = str(threads)
     os.environ.setdefault("CNP_PROGRESS", "0")
+    os.environ.setdefault("CNP_STATIC_WIDGETS", "1")   # no frontend; see cnp.widgets.static_widgets
 
 
 def _error_line(exc: BaseException) -> str:

@@ -167,13 +167,30 @@ class AblationExplorer:
         return self.images.permute(0, 2, 3, 1).numpy()
 
 
+def static_widgets() -> bool:
+    """True when widgets should be shown as static output (``$CNP_STATIC_WIDGETS`` set, not 0).
+
+    The sweep sets it for the notebooks it runs: nobody can click a widget in a batch run, and
+    nbclient can block forever on a cell that displays ipywidgets (jupyter/nbclient#312, open; it
+    hung a sweep here twice at 03's ablation widget, on the same seed).
+    """
+    return os.environ.get("CNP_STATIC_WIDGETS", "") not in ("", "0")
+
+
 def ablation_widget(explorer: AblationExplorer, initial: Sequence[int] = (), mode: str = "zero"):
     """ipywidgets UI on an :class:`AblationExplorer`: a toggle per subspace (pressed = ablated),
-    the mode, a status line with the numbers, and the heatmap figure. Returns the widget box."""
+    the mode, a status line with the numbers, and the heatmap figure. Returns the widget box.
+
+    Under :func:`static_widgets` it returns the heatmap figure of the initial setting instead (a
+    matplotlib Figure, the same picture the widget starts with).
+    """
+    from cnp.figures import fig_explorer
+
+    if static_widgets():
+        return fig_explorer(explorer.update(list(initial), mode), explorer.images_hwc(),
+                            title="ablated subspaces marked; red = positive relevance (static: CNP_STATIC_WIDGETS)")
     import ipywidgets as w
     from IPython.display import display
-
-    from cnp.figures import fig_explorer
 
     toggles = [w.ToggleButton(value=k in set(initial), description=f"U_{k}", tooltip=f"ablate subspace U_{k}",
                               layout=w.Layout(width="70px")) for k in range(explorer.K)]
@@ -325,7 +342,16 @@ class WatermarkLabeler:
 
 def labeler_widget(labeler: WatermarkLabeler):
     """ipywidgets UI on a :class:`WatermarkLabeler`: the image, 'watermark' / 'clean' / 'skip' /
-    'back' buttons and a progress line. Every click saves the CSV."""
+    'back' buttons and a progress line. Every click saves the CSV.
+
+    Under :func:`static_widgets` it returns the progress line only (IPython HTML).
+    """
+    if static_widgets():
+        from IPython.display import HTML
+
+        n, total = labeler.progress()
+        return HTML(f"labelled {n} / {total} &rarr; <code>{labeler.out_csv}</code> "
+                    "(static output: unset CNP_STATIC_WIDGETS and run the notebook in Jupyter to label)")
     import ipywidgets as w
 
     img = w.Image(format="png", layout=w.Layout(max_width="340px"))
@@ -357,4 +383,4 @@ def labeler_widget(labeler: WatermarkLabeler):
     return w.VBox([info, img, w.HBox(list(buttons.values()))])
 
 
-__all__ = ["AblationExplorer", "WatermarkLabeler", "ablation_widget", "labeler_widget"]
+__all__ = ["AblationExplorer", "WatermarkLabeler", "ablation_widget", "labeler_widget", "static_widgets"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -161,3 +163,28 @@ def test_labeler_widget_headless_clicks(imagenet_root, tmp_path):
     by_name["back"].click()
     assert read_label_csv(out, imagenet_root) == {lab.files[0]: 1, lab.files[1]: 0}
     assert "labelled 2 / 6" in info.value and lab.current() == lab.files[2]
+
+
+def test_static_widgets_in_batch_runs(explorer, imagenet_root, tmp_path, monkeypatch):
+    """With CNP_STATIC_WIDGETS (set by the sweep) the widgets become static output: the ablation
+    widget is the heatmap figure of its initial setting, the labeller a progress line; unset or
+    0, they are ipywidgets."""
+    import ipywidgets
+    from IPython.display import HTML
+    from matplotlib.figure import Figure
+
+    from cnp import sweep
+    from cnp.widgets import static_widgets
+
+    lab = WatermarkLabeler.for_pair("carton-dugong", imagenet_root, out_csv=tmp_path / "w.csv", splits=("train",))
+    monkeypatch.setenv("CNP_STATIC_WIDGETS", "0")
+    assert not static_widgets() and isinstance(ablation_widget(explorer, initial=[3]), ipywidgets.VBox)
+    monkeypatch.setenv("CNP_STATIC_WIDGETS", "1")
+    fig = ablation_widget(explorer, initial=[1], mode="zero")
+    assert isinstance(fig, Figure) and ((1,), "zero") in explorer._cache
+    html = labeler_widget(lab)
+    assert isinstance(html, HTML) and "labelled 0 / 6" in html.data
+    monkeypatch.delenv("CNP_STATIC_WIDGETS")
+    monkeypatch.setattr(os, "environ", dict(os.environ))   # _set_thread_env writes several variables
+    sweep._set_thread_env(1)      # what every sweep run does before its notebooks
+    assert static_widgets()
