@@ -416,6 +416,7 @@ def test_run_job_reruns_a_stalled_notebook_once(tmp_path, monkeypatch, capsys):
             (Path(job.run_dir) / "metrics.json").write_text("{}")
 
     monkeypatch.setattr(sweep, "execute", fake_execute)
+    monkeypatch.setattr(os, "environ", dict(os.environ))   # run_job sets thread and widget variables
     stalls = 1
     res = sweep.run_job(job, status=("run", "test"))
     assert res["status"] == "done", res

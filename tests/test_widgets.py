@@ -88,8 +88,10 @@ def test_explorer_without_eval_sets_and_mean_images(make_tiny_vgg, random_U, tin
         AblationExplorer(model, vl, tiny_pair["test"].images[:0])
 
 
-def test_ablation_widget_headless(explorer):
+def test_ablation_widget_headless(explorer, monkeypatch):
     import ipywidgets
+
+    monkeypatch.setenv("CNP_STATIC_WIDGETS", "0")   # the live widget (a sweep would set 1)
 
     box = ablation_widget(explorer, initial=[3])
     assert isinstance(box, ipywidgets.VBox)
@@ -148,8 +150,10 @@ def test_labeler_done_limit_and_errors(imagenet_root, tmp_path):
         WatermarkLabeler.for_pair("nosuchpair", imagenet_root, out_csv=tmp_path / "x.csv")
 
 
-def test_labeler_widget_headless_clicks(imagenet_root, tmp_path):
+def test_labeler_widget_headless_clicks(imagenet_root, tmp_path, monkeypatch):
     import ipywidgets
+
+    monkeypatch.setenv("CNP_STATIC_WIDGETS", "0")
 
     out = tmp_path / "w.csv"
     lab = WatermarkLabeler.for_pair("carton-dugong", imagenet_root, out_csv=out, splits=("train",))
