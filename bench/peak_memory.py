@@ -31,26 +31,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnp.io import atomic_write_json  # noqa: E402  (torch-free import)
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
+from cnp.sweep import descendants  # noqa: E402  (torch-free import)
 
 
 def tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (through /proc/<pid>/task/*/children)."""
-    todo, seen = [pid], []
-    while todo:
-        p = todo.pop()
-        seen.append(p)
-        todo += _children(p)
-    return seen
+    """``pid`` and all its descendants (:func:`cnp.sweep.descendants`)."""
+    return [pid, *descendants(pid)]
 
 
 def _field(path: str, name: str) -> int:

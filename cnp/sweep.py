@@ -495,10 +495,11 @@ def _error_line(exc: BaseException) -> str:
 
 
 #: Seconds a notebook kernel may use (almost) no CPU while papermill waits on a cell before the
-#: sweep calls it hung (``$CNP_KERNEL_STALL_S``; 0 disables the watchdog). Measured here: about
-#: 1 in 50 notebook executions, with ipykernel 7.4 and 6.31 alike, the cell finished but its reply
-#: never reached papermill; the kernel then sat idle (0 CPU ticks in 20 s) and the sweep waited
-#: forever. Every cell of notebooks 01-05 computes, so 15 minutes without CPU is not a slow cell.
+#: sweep calls it hung (``$CNP_KERNEL_STALL_S``; 0 disables the watchdog). Seen here three times
+#: (ipykernel 7.4 once, 6.31 twice, the latter at 03's ablation widget, jupyter/nbclient#312): the
+#: cell finished but papermill never got its reply; the kernel sat idle (0 CPU ticks in 20 s) and the
+#: sweep waited forever. Sweep runs now show widgets statically (cnp.widgets.static_widgets); this
+#: is the backstop. Every cell of notebooks 01-05 computes, so 15 minutes without CPU is no slow cell.
 KERNEL_STALL_S = 900.0
 STALL_CPU_FRACTION = 0.01   # "almost no CPU": under 1 % of one core over the whole window
 
@@ -507,8 +508,9 @@ class KernelStalled(CNPError):
     """A notebook's kernel sat idle while its cell never returned; the watchdog killed it."""
 
 
-def _descendants(pid: int) -> list[int]:
-    """All processes below ``pid`` (Linux ``/proc``; empty elsewhere)."""
+def descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (Linux ``/proc/<pid>/task/*/children``; empty elsewhere).
+    Also used by ``bench/peak_memory.py``."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -559,7 +561,7 @@ class _StallWatchdog:
         tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         since, kids, ticks = time.monotonic(), None, 0
         while not self._stop.wait(self.poll_s):
-            now_kids = sorted(_descendants(os.getpid()))
+            now_kids = sorted(descendants(os.getpid()))
             now_ticks = _cpu_ticks(now_kids)
             if now_kids != kids or now_ticks - ticks > STALL_CPU_FRACTION * tick * (time.monotonic() - since):
                 since, kids, ticks = time.monotonic(), now_kids, now_ticks     # activity: restart the window
