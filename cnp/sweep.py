@@ -35,7 +35,17 @@ Presets (``--preset``; ``--pairs``, ``--seeds``, ``-p`` and ``-g`` given on the 
 
 ``reproduce``   the default sweep of ``make reproduce``: carton-dugong (easy), crate-packet
                 (hard), basketball (Figure 1 demo), seeds and budget settings in
-                :data:`PRESETS` (a placeholder tuned to the time budget).
+                :data:`REPRODUCE_PARAMS` (reduced from the full fidelity to fit 15 minutes on
+                2 cores; the reasons are beside it).
+``full``        the full-fidelity settings (the ``Params`` defaults), 5 seeds, with the l1 and
+                random baselines.
+``styles``      claim 6: held-out watermark styles and mean ablation, one axis at a time.
+``control``     the no-shortcut control of the easy pair (the watermark equally frequent in
+                both classes), the reference for claims 3 and 4; run it into the reproduce
+                directory and ``cnp.claims`` reports it in its own row::
+
+                    python -m cnp.sweep --preset control --out runs/reproduce
+
 ``smoke``       one tiny run (``smoke=True``): checks the machinery in about a minute.
 ``table1``      the paper's Table 1 search space as a full grid: K in 4, 8, 16 (``d_k = D / K``,
                 so ``K * d_k = D``), LRP variant epsilon / alpha1beta0 / gamma, fine-tuning
@@ -138,6 +148,15 @@ STYLES_GRID: dict[str, list] = {
 STYLES_SELECTED: dict[str, Any] = {"wm_text": "stock", "wm_placement": "random", "wm_opacity": 0.55,
                                    "ablation_mode": "zero"}
 
+#: `python -m cnp.sweep --preset control --out runs/reproduce`: the no-shortcut control of the
+#: easy pair - the reproduce settings with the watermark on 47.5 % of the training images of
+#: *both* classes (the biased set's overall rate, (0.9 + 0.05) / 2), so the warmed-up model has no
+#: reason to use it. Not a claim: the c0w1 accuracy and watermark share of relevance that a model
+#: without the shortcut reaches after the same pruning, the reference for claims 3 and 4
+#: (``cnp.claims`` reports it in its own row). A grid of one point, so the runs get their own
+#: label beside the reproduce runs: DIR/carton-dugong/wm_rate_pos-0.475_wm_rate_neg-0.475/seed<k>.
+CONTROL_GRID: dict[str, list] = {"wm_rate_pos": [0.475], "wm_rate_neg": [0.475]}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "reproduce": {
         "doc": "make reproduce: easy pair, hard pair and the basketball demo on the embedded benchmark",
@@ -156,6 +175,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "doc": "claim 6: held-out watermark styles and mean ablation on the easy pair (one axis at a time)",
         "pairs": ["carton-dugong"], "seeds": [0, 1, 2], "params": dict(REPRODUCE_PARAMS),
         "grid": STYLES_GRID, "grid_mode": "variations", "selected": STYLES_SELECTED,
+    },
+    "control": {
+        "doc": "no-shortcut control of the easy pair (watermark equally frequent in both classes), 5 seeds: "
+               "the reference for claims 3 and 4; run it into the reproduce sweep directory",
+        "pairs": ["carton-dugong"], "seeds": REPRODUCE_SEEDS, "params": dict(REPRODUCE_PARAMS),
+        "grid": CONTROL_GRID, "grid_mode": "product",
     },
     "smoke": {
         "doc": "one tiny run (smoke=True) to check the machinery",

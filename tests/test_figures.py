@@ -254,6 +254,71 @@ def test_claims_table_margins(tmp_path):
     assert rows[(6, "carton-dugong/ablation_mode-mean")]["holds"] == "no"
 
 
+def test_claims_table_no_shortcut_control(tmp_path):
+    """Runs trained with the watermark equally frequent in both classes are a control, not a
+    style: taken out of the claims, reported in their own row (holds n/a) and as the reference
+    in claims 3 and 4 - whether they lie in the sweep under any label or are passed separately."""
+    from cnp.claims import claims_table, is_control
+    from cnp.figures import RunRecord
+
+    def run(label, seed, c_cnp, c_van, share_cnp, share_van, rates=(0.9, 0.05)):
+        def curve(c0w1, share):
+            acc = {"overall": 0.9, "c0w0": 0.9, "c0w1": c0w1, "c1w0": 0.9, "c1w1": 0.9}
+            return [{"pruned": 0.8, "stage": "final", "acc": acc, "wm_relevance_share": share}]
+        m = {"params": {"wm_rate_pos": rates[0], "wm_rate_neg": rates[1]},
+             "unpruned": {"acc": {"overall": 0.9, "c0w0": 1.0, "c0w1": 0.6, "c1w0": 1.0, "c1w1": 1.0},
+                          "wm_area_fraction": 0.08},
+             "drsa": {"ap_watermark": [0.5, 0.9], "wm_relevance_share": [0.1, 0.3]},
+             "curves": {"cnp": curve(c_cnp, share_cnp), "vanilla": curve(c_van, share_van)}}
+        return RunRecord(label=label, pair="carton-dugong", seed=seed, run_dir=tmp_path, metrics=m)
+
+    main = [run("carton-dugong", s, 0.8, 0.6, 0.14, 0.16) for s in range(3)]
+    ctl = [run("carton-dugong/wm_rate_pos-0.475_wm_rate_neg-0.475", s, 0.90, 0.94, 0.09, 0.085,
+               rates=(0.475, 0.475)) for s in range(3)]
+    assert [is_control(r) for r in main[:1] + ctl[:1]] == [False, True]
+    for table in (claims_table(main + ctl), claims_table(main, control=ctl)):
+        rows = {r["claim"]: r for r in table}
+        assert 6 not in rows                                   # the control is not a style
+        assert rows["control"]["holds"] == "n/a" and rows["control"]["seeds_holding"] == "3 seeds"
+        assert "c0w1 0.940 ± 0.000 / 0.900 ± 0.000" in rows["control"]["measured"]
+        assert "share 0.085 ± 0.000 / 0.090 ± 0.000" in rows["control"]["measured"]
+        assert "no-shortcut control 0.940 (not judged)" in rows[3]["measured"]
+        assert "a no-shortcut control ends at 0.085, halving vanilla means 0.080" in rows[4]["measured"]
+        assert rows[3]["holds"] == "yes" and rows[4]["holds"] == "no"   # judged on the main runs only
+    rows = {r["claim"]: r for r in claims_table(main)}
+    assert "control" not in rows and "control" not in rows[4]["measured"]
+
+
+def test_selection_table_reads_validation_only(tmp_path, capsys):
+    """The selection table compares variants on val_acc alone (test numbers differ on purpose
+    here and must not leak in); controls and other pairs are ignored; the CLI prints it."""
+    from cnp.claims import main, selection_table
+    from cnp.figures import RunRecord
+
+    def run(seed, val_cnp, val_van, pair="carton-dugong", rates=(0.9, 0.05)):
+        def curve(v):
+            val = {"overall": 0.9 + v / 10, "c0w1": v}
+            test = {"overall": 0.5, "c0w1": 0.0}
+            return [{"pruned": 0.8, "stage": "final", "acc": test, "val_acc": val, "wm_relevance_share": 0.1}]
+        m = {"params": {"wm_rate_pos": rates[0], "wm_rate_neg": rates[1]},
+             "curves": {"cnp": curve(val_cnp), "vanilla": curve(val_van)}}
+        return RunRecord(label=pair, pair=pair, seed=seed, run_dir=tmp_path, metrics=m)
+
+    a = [run(0, 0.8, 0.6), run(1, 0.7, 0.6), run(2, 0.5, 0.6),
+         run(3, 0.0, 1.0, pair="crate-packet"), run(4, 0.0, 1.0, rates=(0.5, 0.5))]
+    rows = selection_table({"A": a, "B": []})
+    assert rows[0] == {"variant": "A", "seeds": 3, "val c0w1, CNP - vanilla": "+0.067 ± 0.153",
+                       "CNP ahead": "2/3", "val overall, CNP - vanilla": "+0.007"}
+    assert rows[1]["seeds"] == 0 and rows[1]["val c0w1, CNP - vanilla"] == "n/a"
+    # the CLI on a sweep directory written by the tests' fake runs (no val_acc: not counted)
+    write_run(tmp_path / "sw" / "carton-dugong" / "seed0", make_metrics("carton-dugong", 0), heatmaps=False)
+    assert main(["--select", f"K=8={tmp_path / 'sw'}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| variant |") and "| K=8 | 0 | n/a |" in out
+    assert main(["--select", "nodir"]) == 2 and "NAME=DIR" in capsys.readouterr().err
+    assert main([str(tmp_path / "sw")]) == 0 and "| claim |" in capsys.readouterr().out
+
+
 def test_claim_heatmap_reports_excess_over_area(tmp_path):
     """Claim 4 keeps the issue's target (ratio <= 0.5) and adds the area-corrected ratio
     (CNP - area) / (vanilla - area) from ``unpruned.wm_area_fraction``, without judging it."""

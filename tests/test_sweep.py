@@ -97,6 +97,15 @@ def test_cli_dry_run_and_usage_errors(tmp_path, capsys):
     n_runs = sum(len(sweep.REPRODUCE_PAIR_SEEDS.get(pair, sweep.REPRODUCE_SEEDS))
                  for pair in sweep.PRESETS["reproduce"]["pairs"])
     assert f"{n_runs} run(s)" in out and "basketball" in out
+    # the no-shortcut control lands beside the reproduce runs under its own label, trained with
+    # the watermark equally frequent in both classes, and is recognised as a control by cnp.claims
+    assert sweep.main(["--preset", "control", "--out", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "5 run(s)" in out and "carton-dugong/wm_rate_pos-0.475_wm_rate_neg-0.475" in out
+    p = sweep.PRESETS["control"]
+    jobs = sweep.plan(p["pairs"], p["seeds"], tmp_path, p["params"], p["grid"], p["grid_mode"])
+    assert {j.overrides["wm_rate_pos"] for j in jobs} == {j.overrides["wm_rate_neg"] for j in jobs} == {0.475}
+    assert all(j.overrides[k] == v for j in jobs for k, v in sweep.REPRODUCE_PARAMS.items())
     assert sweep.main(["--pairs", "carton-dugong", "--seeds", "0", "-p", "stpe=1", "--dry-run"]) == 2
     assert "unknown parameter 'stpe'" in capsys.readouterr().err
     assert sweep.main(["--seeds", "0", "--dry-run"]) == 2
