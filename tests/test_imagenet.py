@@ -115,9 +115,13 @@ def test_splits_sizes_balance_and_disjointness(fake_root, tmp_path):
     assert len(set(all_files)) == len(all_files)
     # drsa and rank: positives of train, disjoint when drsa + rank <= train positives
     pos_train = {f for f, y in zip(files(tr), tr.labels.tolist()) if y == 1}
-    assert len(drsa) == 8 and len(rank) == 4
-    assert bool((drsa.labels == 1).all()) and bool((rank.labels == 1).all())
-    assert set(files(drsa)) <= pos_train and set(files(rank)) <= pos_train
+    assert len(drsa) == 8 and len(rank) == 8
+    assert bool((drsa.labels == 1).all())
+    # rank: 4 positives first, then 4 train negatives (for ranking_data='pos+neg')
+    assert rank.labels.tolist() == [1] * 4 + [0] * 4
+    neg_train = {f for f, y in zip(files(tr), tr.labels.tolist()) if y == 0}
+    assert set(files(drsa)) <= pos_train and set(files(rank)[:4]) <= pos_train
+    assert set(files(rank)[4:]) <= neg_train and len(set(files(rank))) == 8
     assert not set(files(drsa)) & set(files(rank))
     assert torch.equal(drsa.images, tr.images[drsa.meta["train_index"]])
     # classes come from their own folders

@@ -277,6 +277,36 @@ def test_ranking_input_errors(tiny_vgg, make_images):
         filter_scores(tiny_vgg, "lrp")
 
 
+def test_rank_split_positives_then_negatives(tiny_pair):
+    """The synthetic ranking set holds n_rank positives (the same images, in the same order, as
+    when it held only positives, so 'pos' rankings are unchanged) followed by n_rank negatives
+    with the training bias - without them ranking_data='pos+neg' would silently equal 'pos'."""
+    from cnp.data.synthetic import PairConfig, _biased_counts, _make_split
+
+    rank = tiny_pair["rank"]
+    assert rank.labels.tolist() == [1] * 6 + [0] * 6
+    cfg = PairConfig(pair="carton-dugong", seed=0, image_size=32, n_train_per_class=8,
+                     n_drsa=6, n_rank=6, n_val_per_subgroup=2, n_test_per_subgroup=3)
+    positives_only = _make_split(cfg, "rank", _biased_counts(6, 0, cfg.wm_rate_pos, 0))
+    assert torch.equal(rank.images[:6], positives_only.images) and torch.equal(rank.wm[:6], positives_only.wm)
+    # the negatives are new images, none shared with the training split
+    train = {bytes(x.numpy()) for x in tiny_pair["train"].images}
+    assert not any(bytes(x.numpy()) in train for x in rank.images[6:])
+
+
+def test_ranking_data_pos_neg_uses_the_negatives(tiny_vgg, tiny_pair):
+    """'pos' scores equal the scores on the positives alone; 'pos+neg' adds the negatives'."""
+    rank = tiny_pair["rank"]
+    pos = lrp_filter_scores(tiny_vgg, rank, ranking_data="pos")
+    pos_only = lrp_filter_scores(tiny_vgg, rank.positives(), ranking_data="pos+neg")
+    both = lrp_filter_scores(tiny_vgg, rank, ranking_data="pos+neg")
+    neg = lrp_filter_scores(tiny_vgg, rank.subset(torch.nonzero(rank.labels == 0).flatten()), ranking_data="pos+neg")
+    for a, b, c, d in zip(pos, pos_only, both, neg):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-9)
+        assert torch.allclose(c, a + d, rtol=1e-4, atol=1e-8)
+    assert any(not torch.allclose(a, c) for a, c in zip(pos, both))
+
+
 def test_l1_and_random_scores(tiny_vgg):
     l1 = l1_filter_scores(tiny_vgg)
     assert [v.numel() for v in l1] == TINY_WIDTHS

@@ -23,11 +23,12 @@ seeded by ``(pair, seed, wnid)``.
   natural watermark distribution. With ``train_overlay_rates=(p, q)`` a fraction ``p`` of the
   clean positives and ``q`` of the clean negatives get a synthetic watermark (a known,
   injected shortcut, like ImageNet-W).
-* ``drsa`` and ``rank``: positive images of ``train`` (the paper learns the subspaces and ranks
+* ``drsa`` and ``rank``: images of ``train`` (the paper learns the subspaces and ranks
   filters on 500 positive-class images; the held-out images must stay untouched). ``drsa`` is the
   first ``sizes['drsa']`` and ``rank`` the last ``sizes['rank']`` train positives in a seeded
   order, so they are disjoint when ``drsa + rank <= train`` and overlap as little as possible
-  otherwise (350 images at the paper's 500 + 500 of 650).
+  otherwise (350 images at the paper's 500 + 500 of 650). ``rank`` is followed by
+  ``sizes['rank']`` train negatives (seeded order), which only ``ranking_data='pos+neg'`` uses.
 * ``test`` then ``val``: balanced over ``c0w0, c0w1, c1w0, c1w1`` (``sizes['test']`` and
   ``sizes['val']`` images per subgroup), drawn from the held-out pool of each class: the
   ``val/<wnid>`` images first (seeded order), then the training images not used by ``train``.
@@ -82,7 +83,7 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 #: Overlay methods: ``auto`` (imagenet-w when importable and no style given, else ``cnp``).
 OVERLAYS = ("auto", "cnp", "imagenet-w")
 #: Bumped whenever the split rule changes, so old caches are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the rank split also holds negatives
 #: The selection rule this module implements (``selection.rule`` in a manifest).
 SELECTION_RULE = "sorted-seeded-v1"
 #: Manifest schema version understood here.
@@ -937,7 +938,11 @@ def build_pair(
     train = splits["train"]
     pos_idx = torch.nonzero(train.labels == 1).flatten()
     pos_idx = pos_idx[torch.from_numpy(_perm(len(pos_idx), pair, seed, "drsa-rank")).long()]
-    for name, idx in (("drsa", pos_idx[: sz["drsa"]]), ("rank", pos_idx[len(pos_idx) - sz["rank"]:])):
+    neg_idx = torch.nonzero(train.labels == 0).flatten()
+    neg_idx = neg_idx[torch.from_numpy(_perm(len(neg_idx), pair, seed, "rank-neg")).long()]
+    # rank: its positives, then as many negatives (ranking_data='pos+neg'; 'pos' uses the former)
+    rank_idx = torch.cat([pos_idx[len(pos_idx) - sz["rank"]:], neg_idx[: sz["rank"]]])
+    for name, idx in (("drsa", pos_idx[: sz["drsa"]]), ("rank", rank_idx)):
         il = idx.tolist()
         known = [train.meta["masks_known_per_image"][i] for i in il]
         sub_meta = {k: v for k, v in train.meta.items()}

@@ -135,6 +135,21 @@ class Split:
             meta=meta,
         )
 
+    @classmethod
+    def concat(cls, parts: list[Split], name: str) -> Split:
+        """The images of ``parts`` one after the other, in order (meta and extra masks of the
+        first part; every part must have the same extra-mask names)."""
+        if not parts:
+            raise CNPError("Split.concat needs at least one split")
+        keys = set(parts[0].extra_masks)
+        if any(set(p.extra_masks) != keys for p in parts):
+            raise CNPError(f"cannot concatenate splits with different extra masks: "
+                           f"{[sorted(p.extra_masks) for p in parts]}")
+        return cls(images=torch.cat([p.images for p in parts]), labels=torch.cat([p.labels for p in parts]),
+                   wm=torch.cat([p.wm for p in parts]), masks=torch.cat([p.masks for p in parts]), name=name,
+                   extra_masks={k: torch.cat([p.extra_masks[k] for p in parts]) for k in keys},
+                   meta=dict(parts[0].meta))
+
     def positives(self) -> Split:
         return self.subset(torch.nonzero(self.labels == 1).flatten(), name=f"{self.name}-pos")
 

@@ -9,8 +9,10 @@ Two data sets, both deterministic per seed and cached with a hash of their recip
 * the **binary pairs** (:func:`make_pair`), named as the paper's pairs so one name selects either
   data set: ``carton-dugong`` (easy), ``crate-packet`` (hard: similar classes, weak class
   signal) and ``basketball`` (the Figure 1 demo: ball, players, court). Their training split is
-  biased (the positive class mostly carries a watermark, the negative rarely); the DRSA and
-  ranking sets are positive images; validation and test sets are balanced over the subgroups
+  biased (the positive class mostly carries a watermark, the negative rarely); the DRSA set is
+  positive images; the ranking set is ``n_rank`` positive images followed by ``n_rank``
+  negative ones, both with the training bias (``ranking_data='pos'``, the paper, ranks on the
+  positives; ``'pos+neg'`` on all); validation and test sets are balanced over the subgroups
   c0w0, c0w1, c1w0, c1w1.
 
 Every image has a watermark mask, so relevance on watermark pixels can be measured.
@@ -45,6 +47,7 @@ PAIRS: dict[str, tuple[str, str]] = {
 CORPUS_CLASSES: tuple[str, ...] = tuple(RENDERERS)
 
 DATA_VERSION = 1  # bump when the renderers change, so caches are rebuilt
+RANK_LAYOUT = 2  # see PairConfig.recipe
 
 
 def cache_dir() -> Path:
@@ -106,6 +109,10 @@ class CorpusConfig:
     def recipe(self) -> dict:
         d = asdict(self)
         d["version"] = DATA_VERSION
+        # the ranking split's layout (2: positives, then as many negatives; 1 had positives only).
+        # Not part of the images' generators, so the positives are the same images, in the same
+        # order, under both layouts; only the cache key changes.
+        d["rank_layout"] = RANK_LAYOUT
         return d
 
 
@@ -161,7 +168,8 @@ class PairConfig:
     n_train_per_class : int
         Training images per class (the paper: 650).
     n_drsa, n_rank : int
-        Positive images for DRSA and for the pruning ranking (the paper: 500 each).
+        Positive images for DRSA and for the pruning ranking (the paper: 500 each); the ranking
+        set also holds ``n_rank`` negative images, used by ``ranking_data='pos+neg'``.
     n_val_per_subgroup, n_test_per_subgroup : int
         Balanced validation / test sets (the paper validates on 150 per subgroup).
     wm_rate_pos, wm_rate_neg : float
@@ -233,6 +241,10 @@ class PairConfig:
     def recipe(self) -> dict:
         d = asdict(self)
         d["version"] = DATA_VERSION
+        # the ranking split's layout (2: positives, then as many negatives; 1 had positives only).
+        # Not part of the images' generators, so the positives are the same images, in the same
+        # order, under both layouts; only the cache key changes.
+        d["rank_layout"] = RANK_LAYOUT
         return d
 
     @classmethod
@@ -305,7 +317,12 @@ def make_pair(cfg: PairConfig) -> PairData:
     splits = {
         "train": _make_split(cfg, "train", _biased_counts(n, n, cfg.wm_rate_pos, cfg.wm_rate_neg)),
         "drsa": _make_split(cfg, "drsa", _biased_counts(cfg.n_drsa, 0, cfg.wm_rate_pos, 0)),
-        "rank": _make_split(cfg, "rank", _biased_counts(cfg.n_rank, 0, cfg.wm_rate_pos, 0)),
+        # positives first, exactly as rendered and shuffled when the split held only them, then
+        # the negatives (own generator tag): ranking_data='pos' sees the same images in the same
+        # order, 'pos+neg' adds the negatives (the paper's Table 1 axis)
+        "rank": Split.concat([_make_split(cfg, "rank", _biased_counts(cfg.n_rank, 0, cfg.wm_rate_pos, 0)),
+                              _make_split(cfg, "rank-neg", _biased_counts(0, cfg.n_rank, 0, cfg.wm_rate_neg))],
+                             name="rank"),
         "val": _make_split(cfg, "val", dict.fromkeys(SUBGROUPS, cfg.n_val_per_subgroup)),
         "test": _make_split(cfg, "test", dict.fromkeys(SUBGROUPS, cfg.n_test_per_subgroup)),
     }
