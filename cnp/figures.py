@@ -36,6 +36,7 @@ import io
 import json
 import math
 import re
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,7 +365,8 @@ def fig_accuracy(
         ax_top.legend(fontsize=8, loc="lower left")
     if title or n_seeds:
         seeds = f" (mean ± std over n = {n_seeds} seed{'s' if n_seeds != 1 else ''})" if n_seeds else ""
-        fig.suptitle(f"{title}{seeds}", fontsize=10)
+        # long group labels (grid variants) are wrapped, not clipped at the figure's edges
+        fig.suptitle("\n".join(textwrap.wrap(f"{title}{seeds}", 70)), fontsize=10)
     return fig
 
 

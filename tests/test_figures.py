@@ -106,6 +106,17 @@ def test_fig_accuracy_one_or_many_seeds_and_methods(tmp_path, methods, seeds):
     assert not list((tmp_path / "out").glob(".*.tmp"))  # atomic writes leave no temp files
 
 
+def test_fig_accuracy_wraps_a_long_group_label():
+    """A grid variant's label is wrapped onto several title lines instead of running off the page."""
+    ms = [make_metrics(seed=0)]
+    label = "carton-dugong/wm_rate_pos-0.475_wm_rate_neg-0.475"
+    fig = figures.fig_accuracy(figures.group_curve_stats(ms, "overall"), figures.group_curve_stats(ms, "c0w1"),
+                               title=label, n_seeds=5)
+    lines = fig._suptitle.get_text().split("\n")
+    assert len(lines) == 2 and all(len(x) <= 70 for x in lines)
+    assert "".join(lines).replace(" ", "") == f"{label}(mean±stdovern=5seeds)".replace(" ", "")
+
+
 def test_fig_subspaces_layout_with_pruned_column_and_titles():
     n, K, H = 3, 4, 10
     rng = np.random.default_rng(0)
