@@ -292,6 +292,11 @@ def test_rank_split_positives_then_negatives(tiny_pair):
     # the negatives are new images, none shared with the training split
     train = {bytes(x.numpy()) for x in tiny_pair["train"].images}
     assert not any(bytes(x.numpy()) in train for x in rank.images[6:])
+    # the layout is part of the pair's cache key, not of the pretraining corpus's (whose key
+    # names the cached backbone: a rank-split change must not retrain it)
+    from cnp.data.synthetic import RANK_LAYOUT, CorpusConfig
+    assert cfg.recipe()["rank_layout"] == RANK_LAYOUT == 2
+    assert "rank_layout" not in CorpusConfig().recipe()
 
 
 def test_ranking_data_pos_neg_uses_the_negatives(tiny_vgg, tiny_pair):

@@ -109,10 +109,6 @@ class CorpusConfig:
     def recipe(self) -> dict:
         d = asdict(self)
         d["version"] = DATA_VERSION
-        # the ranking split's layout (2: positives, then as many negatives; 1 had positives only).
-        # Not part of the images' generators, so the positives are the same images, in the same
-        # order, under both layouts; only the cache key changes.
-        d["rank_layout"] = RANK_LAYOUT
         return d
 
 
