@@ -299,6 +299,21 @@ def test_rank_split_positives_then_negatives(tiny_pair):
     assert "rank_layout" not in CorpusConfig().recipe()
 
 
+def test_split_concat_keeps_order_and_checks_extra_masks(tiny_pair):
+    from cnp.data.splits import Split
+
+    a, b = tiny_pair["val"], tiny_pair["test"]
+    c = Split.concat([a, b], name="both")
+    assert len(c) == len(a) + len(b) and c.name == "both"
+    assert torch.equal(c.images[len(a):], b.images) and torch.equal(c.labels[:len(a)], a.labels)
+    odd = Split(images=a.images, labels=a.labels, wm=a.wm, masks=a.masks, name="odd",
+                extra_masks={"ball": a.masks})
+    with pytest.raises(CNPError, match="different extra masks"):
+        Split.concat([a, odd], name="x")
+    with pytest.raises(CNPError, match="at least one"):
+        Split.concat([], name="x")
+
+
 def test_ranking_data_pos_neg_uses_the_negatives(tiny_vgg, tiny_pair):
     """'pos' scores equal the scores on the positives alone; 'pos+neg' adds the negatives'."""
     rank = tiny_pair["rank"]
