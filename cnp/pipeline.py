@@ -439,6 +439,10 @@ def _stage_key(p: Params, stage: str) -> str:
         if order[stage] < level:
             for k in keys:
                 d.pop(k, None)
+    if order[stage] >= 3 and d.get("ranking_data") == "pos+neg":
+        # pruning stages computed before the rank split held negatives ranked on positives only
+        # (the layout of cnp.data.synthetic.RANK_LAYOUT 1): never reuse them
+        d["rank_layout"] = 2
     return recipe_hash({"stage": stage, "params": d})
 
 

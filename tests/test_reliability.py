@@ -704,3 +704,15 @@ def test_stage_keys_follow_the_parameters_each_stage_uses():
     for stage in ("warmup", "augment", "ablate", "prune", "evaluate"):
         assert _stage_key(shares, stage) != _stage_key(base, stage), stage
         assert (_stage_key(step, stage) != _stage_key(base, stage)) == (stage in ("prune", "evaluate")), stage
+    # pos+neg pruning stages from before the rank split held negatives are not reused: their key
+    # carries the layout (checked against the key without it), and 'pos' keys are unchanged
+    import cnp.pipeline as pl
+    from cnp.io import recipe_hash
+
+    posneg = make_params(pair="carton-dugong", seed=0, smoke=True, ranking_data="pos+neg")
+    d = posneg.to_dict()
+    for k in ("run_dir", "device", "threads", "methods", "heatmap_images"):
+        d.pop(k)
+    assert pl._stage_key(posneg, "prune") != recipe_hash({"stage": "prune", "params": d})
+    assert pl._stage_key(posneg, "prune") == recipe_hash({"stage": "prune", "params": {**d, "rank_layout": 2}})
+    assert _stage_key(posneg, "ablate") == _stage_key(base, "ablate")
