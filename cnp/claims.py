@@ -65,8 +65,13 @@ def _final(run: RunRecord, method: str) -> Mapping | None:
     return at_target(curve) if curve else None
 
 
+def _gaps(runs: Sequence[RunRecord]) -> list[float]:
+    """Unpruned c0w0 - c0w1 per run (the shortcut's size)."""
+    return [r.metrics["unpruned"]["acc"]["c0w0"] - r.metrics["unpruned"]["acc"]["c0w1"] for r in runs]
+
+
 def claim_shortcut(runs: Sequence[RunRecord]) -> dict:
-    gaps = [r.metrics["unpruned"]["acc"]["c0w0"] - r.metrics["unpruned"]["acc"]["c0w1"] for r in runs]
+    gaps = _gaps(runs)
     m, s, n = _ms(gaps)
     return {"claim": 1, "what": "unpruned c0w0 - c0w1 (accuracy points)", "target": ">= 0.20",
             "measured": _fmt(m, s, n), "holds": bool(n and m >= 0.20),
@@ -181,8 +186,7 @@ def claim_hard(runs: Sequence[RunRecord]) -> dict:
 def claim_control(control: Sequence[RunRecord]) -> dict:
     """The no-shortcut control's row (a reference, not a claim): unpruned c0w0 - c0w1, and at the
     target rate c0w1 and the watermark share of relevance, vanilla / CNP."""
-    gaps = [r.metrics["unpruned"]["acc"]["c0w0"] - r.metrics["unpruned"]["acc"]["c0w1"] for r in control]
-    g = _ms(gaps)
+    g = _ms(_gaps(control))
     c_cnp, c_van = _paired(control, lambda e: e["acc"]["c0w1"])
     s_cnp, s_van = _paired(control, lambda e: e["wm_relevance_share"])
     n = len(c_van)

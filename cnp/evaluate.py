@@ -95,6 +95,12 @@ def mask_share(heatmaps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return torch.where(tot > 0, on / tot.clamp(min=1e-12), torch.zeros_like(tot))
 
 
+def _share_index(split: Split, max_images: int | None) -> torch.Tensor:
+    """The images a watermark share is measured on: the watermarked ones, at most ``max_images``, in order."""
+    idx = torch.nonzero(split.wm).flatten()
+    return idx if max_images is None else idx[:max_images]
+
+
 def wm_area_fraction(split: Split, max_images: int | None = 400) -> float:
     """Mean fraction of image pixels inside the watermark mask, over the images that
     :func:`wm_relevance_share` explains (the watermarked images of ``split``, at most
@@ -104,9 +110,7 @@ def wm_area_fraction(split: Split, max_images: int | None = 400) -> float:
     a heatmap spread evenly over the image has exactly this share, so ``share - area`` is the
     excess relevance that the watermark attracts.
     """
-    idx = torch.nonzero(split.wm).flatten()
-    if max_images is not None:
-        idx = idx[:max_images]
+    idx = _share_index(split, max_images)
     if idx.numel() == 0:
         return float("nan")
     return float(split.masks[idx].float().mean())
@@ -122,9 +126,7 @@ def wm_relevance_share(model: nn.Module, split: Split, lrp_config: LRPConfig | N
     order); the share of positive pixel relevance inside the watermark mask is averaged.
     A virtual concept layer attached to ``model`` is used as it is (enabled or bypassed).
     """
-    idx = torch.nonzero(split.wm).flatten()
-    if max_images is not None:
-        idx = idx[:max_images]
+    idx = _share_index(split, max_images)
     if idx.numel() == 0:
         return float("nan")
     lrp = LRP(model, lrp_config)

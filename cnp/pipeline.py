@@ -440,9 +440,11 @@ def _stage_key(p: Params, stage: str) -> str:
             for k in keys:
                 d.pop(k, None)
     if order[stage] >= 3 and d.get("ranking_data") == "pos+neg":
-        # pruning stages computed before the rank split held negatives ranked on positives only
-        # (the layout of cnp.data.synthetic.RANK_LAYOUT 1): never reuse them
-        d["rank_layout"] = 2
+        # pruning stages computed before the rank split held negatives (RANK_LAYOUT 1) ranked on
+        # positives only: never reuse them
+        from cnp.data.synthetic import RANK_LAYOUT
+
+        d["rank_layout"] = RANK_LAYOUT
     return recipe_hash({"stage": stage, "params": d})
 
 
