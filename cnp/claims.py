@@ -140,6 +140,33 @@ def _control_mean(control: Sequence[RunRecord], method: str, key) -> float:
     return _ms(vals)[0]
 
 
+#: the watermarked subgroups whose shares ``wm_relevance_share_by_subgroup`` records
+SHARE_SUBGROUPS = ("c0w1", "c1w1")
+
+
+def _sub_share(entry: Mapping, group: str) -> float:
+    return float(entry.get("wm_relevance_share_by_subgroup", {}).get(group, math.nan))
+
+
+def _subgroup_share(runs: Sequence[RunRecord], control: Sequence[RunRecord], group: str) -> str:
+    """Claim 4's shares on one watermarked subgroup (not judged), as a clause of the measured
+    text: CNP vs vanilla (ratio), and the control's vanilla share; empty for runs written before
+    ``wm_relevance_share_by_subgroup`` existed."""
+    pairs = [(a, b) for a, b in zip(*_paired(runs, lambda e: _sub_share(e, group)))
+             if not (math.isnan(a) or math.isnan(b))]
+    if not pairs:
+        return ""
+    cm, cs, n = _ms([a for a, _ in pairs])
+    vm, vs, _ = _ms([b for _, b in pairs])
+    text = (f"; on {group} alone {_fmt(cm, cs, n)} vs {_fmt(vm, vs, n)} "
+            f"(ratio {cm / vm if vm > 0 else math.nan:.2f}, lower for CNP on "
+            f"{sum(a < b for a, b in pairs)}/{n}")
+    ref = _control_mean(control, "vanilla", lambda e: _sub_share(e, group))
+    if not math.isnan(ref):
+        text += f"; control {ref:.3f}"
+    return text + ", not judged)"
+
+
 def claim_heatmap(runs: Sequence[RunRecord], control: Sequence[RunRecord] | None = None) -> dict:
     """Claim 4, with the issue's target (ratio of shares <= 0.5).
 
@@ -150,6 +177,9 @@ def claim_heatmap(runs: Sequence[RunRecord], control: Sequence[RunRecord] | None
     would, and the corrected ratio says how much of the watermark's excess relevance CNP removed.
     With ``control`` (no-shortcut control runs), the share their vanilla-pruned models end with
     is appended: the share of a model that never had the shortcut, an empirical floor (not judged).
+    Where the runs record it, the same comparison on each watermarked subgroup alone
+    (:data:`SHARE_SUBGROUPS`: the OOD subgroup ``c0w1`` and the watermarked positives ``c1w1``)
+    is appended too (not judged; the target is the issue's, on all watermarked images).
     """
     s_cnp, s_van = _paired(runs, lambda e: e["wm_relevance_share"])
     cm, cs, n = _ms(s_cnp)
@@ -164,6 +194,8 @@ def claim_heatmap(runs: Sequence[RunRecord], control: Sequence[RunRecord] | None
     if n and not math.isnan(floor):
         measured += (f"; a no-shortcut control ends at {floor:.3f}, halving vanilla means "
                      f"{0.5 * vm:.3f} (not judged)")
+    for g in SHARE_SUBGROUPS:
+        measured += _subgroup_share(runs, control or [], g)
     return {"claim": 4, "what": "share of relevance on watermark pixels at the target rate: CNP vs vanilla",
             "target": "CNP <= 0.5 x vanilla", "measured": measured, "holds": bool(n and ratio <= 0.5),
             "seeds_holding": f"{sum(a <= 0.5 * b for a, b in zip(s_cnp, s_van))}/{n}"}

@@ -116,19 +116,26 @@ def wm_area_fraction(split: Split, max_images: int | None = 400) -> float:
     return float(split.masks[idx].float().mean())
 
 
-def wm_relevance_share(model: nn.Module, split: Split, lrp_config: LRPConfig | None = None,
-                       target: int = 1, device: torch.device | str = "cpu", batch_size: int = 64,
-                       max_images: int | None = 400) -> float:
-    """Mean share of positive-logit relevance on watermark pixels, over the watermarked images.
+def wm_relevance_shares(model: nn.Module, split: Split, lrp_config: LRPConfig | None = None,
+                        target: int = 1, device: torch.device | str = "cpu", batch_size: int = 64,
+                        max_images: int | None = 400) -> dict[str, float]:
+    """Share of positive-logit relevance on watermark pixels: over all explained images and per
+    watermarked subgroup, from one LRP pass.
 
     LRP (the paper's rules unless ``lrp_config`` says otherwise) explains the positive logit
     of every watermarked image of ``split`` (both classes; at most ``max_images``, taken in
-    order); the share of positive pixel relevance inside the watermark mask is averaged.
-    A virtual concept layer attached to ``model`` is used as it is (enabled or bypassed).
+    order); each image's share of positive pixel relevance inside the watermark mask is
+    averaged over all of them (``"all"``, what :func:`wm_relevance_share` returns) and over those
+    of each watermarked subgroup: ``"c0w1"`` (the OOD subgroup: negatives that carry a
+    watermark) and ``"c1w1"`` (watermarked positives, the images of the paper's Figure 1). A
+    subgroup without an explained image gives NaN, as does ``"all"`` when ``split`` has no
+    watermarked image. A virtual concept layer attached to ``model`` is used as it is (enabled or
+    bypassed).
     """
     idx = _share_index(split, max_images)
+    groups = ("c0w1", "c1w1")
     if idx.numel() == 0:
-        return float("nan")
+        return {"all": float("nan"), **{g: float("nan") for g in groups}}
     lrp = LRP(model, lrp_config)
     shares = []
     # images and masks are indexed where the model runs (Split.on_device: held there once on an
@@ -139,4 +146,24 @@ def wm_relevance_share(model: nn.Module, split: Split, lrp_config: LRPConfig | N
         b = idx_dev[start:start + batch_size]
         out = lrp.attribute(normalize_images(images[b]), target)
         shares.append(mask_share(pixel_relevance(out.input_relevance), masks[b]))
-    return float(torch.cat(shares).mean())
+    shares = torch.cat(shares).cpu()
+    labels = split.labels[idx]
+    result = {"all": float(shares.mean())}
+    for g in groups:
+        sel = labels == int(g[1])
+        result[g] = float(shares[sel].mean()) if bool(sel.any()) else float("nan")
+    return result
+
+
+def wm_relevance_share(model: nn.Module, split: Split, lrp_config: LRPConfig | None = None,
+                       target: int = 1, device: torch.device | str = "cpu", batch_size: int = 64,
+                       max_images: int | None = 400) -> float:
+    """Mean share of positive-logit relevance on watermark pixels, over the watermarked images.
+
+    LRP (the paper's rules unless ``lrp_config`` says otherwise) explains the positive logit
+    of every watermarked image of ``split`` (both classes; at most ``max_images``, taken in
+    order); the share of positive pixel relevance inside the watermark mask is averaged.
+    A virtual concept layer attached to ``model`` is used as it is (enabled or bypassed).
+    :func:`wm_relevance_shares` gives the same number and its split by subgroup.
+    """
+    return wm_relevance_shares(model, split, lrp_config, target, device, batch_size, max_images)["all"]

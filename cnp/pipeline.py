@@ -538,7 +538,7 @@ def run_warmup(run: Run, verbose: bool = True) -> dict:
     done = _done(run, "warmup")
     if done is not None:
         return done
-    from cnp.evaluate import wm_area_fraction, wm_relevance_share
+    from cnp.evaluate import wm_area_fraction, wm_relevance_shares
     from cnp.warmup import warmup
 
     p = run.params
@@ -547,10 +547,11 @@ def run_warmup(run: Run, verbose: bool = True) -> dict:
         res = warmup(run.backbone(), data, epochs=p.warmup_epochs, lr=p.warmup_lr, seed=p.seed,
                      head=p.warmup_head, device=run.device, verbose=verbose)
         save_model(res.model, run.dir / "warmup" / "model.pt")
-        share = wm_relevance_share(res.model, data["test"], _lrp_config(p), device=run.device,
-                                   max_images=p.wm_share_images)
+        shares = wm_relevance_shares(res.model, data["test"], _lrp_config(p), device=run.device,
+                                     max_images=p.wm_share_images)
     return _finish(run, "warmup", {
-        "acc": res.test_acc, "val_acc": res.val_acc, "wm_relevance_share": share,
+        "acc": res.test_acc, "val_acc": res.val_acc, "wm_relevance_share": shares.pop("all"),
+        "wm_relevance_share_by_subgroup": shares,
         "wm_area_fraction": wm_area_fraction(data["test"], p.wm_share_images),
         "loss_history": res.history,
         "data": {k: {"n": len(s), **s.counts()} for k, s in data.splits.items()},
@@ -759,6 +760,7 @@ def run_evaluate(run: Run, verbose: bool = True) -> dict:
     metrics = {
         "pair": p.pair, "seed": p.seed, "dataset": p.dataset, "params": p.to_dict(),
         "unpruned": {"acc": warm["acc"], "wm_relevance_share": warm["wm_relevance_share"],
+                     "wm_relevance_share_by_subgroup": warm.get("wm_relevance_share_by_subgroup", {}),
                      "wm_area_fraction": warm.get("wm_area_fraction", float("nan"))},
         "drsa": {"layer": p.layer, "K": p.K, "d_k": aug["d_k"], "J": aug["J"], "ap_watermark": abl["ap_watermark"],
                  "wm_relevance_share": abl["wm_relevance_share"], "ablated": abl["ablated"]},
@@ -775,7 +777,8 @@ def run_evaluate(run: Run, verbose: bool = True) -> dict:
 
 
 def _curve_entry(e: dict) -> dict:
-    keep = ("pruned", "acc", "wm_relevance_share", "params", "macs", "stage", "val_acc", "filters", "step")
+    keep = ("pruned", "acc", "wm_relevance_share", "wm_relevance_share_by_subgroup", "params", "macs", "stage",
+            "val_acc", "filters", "step")
     return {k: e[k] for k in keep if k in e}
 
 

@@ -362,3 +362,37 @@ def test_wm_area_fraction_counts_mask_pixels(tiny_pair):
     assert wm_area_fraction(split, None) == pytest.approx(float(split.masks[idx].float().mean()))
     assert wm_area_fraction(split, 1) == pytest.approx(float(split.masks[idx[:1]].float().mean()))
     assert math.isnan(wm_area_fraction(split, 0))
+
+
+def test_claim_heatmap_reports_each_watermarked_subgroup(tmp_path):
+    """Claim 4's row appends the share on c0w1 and on c1w1 alone (CNP vs vanilla, ratio, seeds
+    where CNP is lower, the control's vanilla share), not judged: the verdict stays the issue's
+    all-images ratio; runs without the per-subgroup field add nothing."""
+    from cnp.claims import claim_heatmap
+    from cnp.figures import RunRecord
+
+    def run(seed, share, sub, rates=(0.9, 0.05)):
+        def entry(method):
+            acc = {"overall": 0.9, "c0w0": 0.9, "c0w1": 0.8, "c1w0": 0.9, "c1w1": 0.9}
+            e = {"pruned": 0.8, "stage": "final", "acc": acc, "wm_relevance_share": share[method]}
+            if sub is not None:
+                e["wm_relevance_share_by_subgroup"] = sub[method]
+            return [e]
+        m = {"params": {"wm_rate_pos": rates[0], "wm_rate_neg": rates[1]},
+             "unpruned": {"acc": {"overall": 0.9, "c0w0": 1.0, "c0w1": 0.6, "c1w0": 1.0, "c1w1": 1.0}},
+             "curves": {"cnp": entry("cnp"), "vanilla": entry("vanilla")}}
+        return RunRecord(label="carton-dugong", pair="carton-dugong", seed=seed, run_dir=tmp_path, metrics=m)
+
+    share = {"cnp": 0.15, "vanilla": 0.16}
+    main = [run(0, share, {"cnp": {"c0w1": 0.04, "c1w1": 0.22}, "vanilla": {"c0w1": 0.10, "c1w1": 0.22}}),
+            run(1, share, {"cnp": {"c0w1": 0.06, "c1w1": 0.24}, "vanilla": {"c0w1": 0.10, "c1w1": 0.22}})]
+    ctl = [run(0, share, {"cnp": {"c0w1": 0.02, "c1w1": 0.15}, "vanilla": {"c0w1": 0.01, "c1w1": 0.16}},
+               rates=(0.475, 0.475))]
+    row = claim_heatmap(main, control=ctl)
+    assert "on c0w1 alone 0.050 ± 0.014 vs 0.100 ± 0.000 (ratio 0.50, lower for CNP on 2/2; control 0.010, " \
+           "not judged)" in row["measured"]
+    assert "on c1w1 alone 0.230 ± 0.014 vs 0.220 ± 0.000 (ratio 1.05, lower for CNP on 0/2; control 0.160, " \
+           "not judged)" in row["measured"]
+    assert row["holds"] is False                       # judged on all watermarked images (0.15 / 0.16)
+    old = [run(s, share, None) for s in range(2)]
+    assert "alone" not in claim_heatmap(old, control=ctl)["measured"]

@@ -412,7 +412,8 @@ def test_run_pruning_curves(tiny_vgg, tiny_pair, random_U, method):
     assert [e["stage"] for e in curve] == ["step", "step", "step", "final"]
     assert [e["pruned"] for e in curve] == [0.0, 0.25, 0.5, 0.5]
     assert [e["filters"] for e in curve] == [sum(TINY_WIDTHS) - r for r in (0, 32, 64, 64)]
-    for key in ("acc", "val_acc", "wm_relevance_share", "params", "macs", "filters"):
+    for key in ("acc", "val_acc", "wm_relevance_share", "wm_relevance_share_by_subgroup", "params", "macs",
+                "filters"):
         assert all(key in e for e in curve), key
     params, macs = [e["params"] for e in curve], [e["macs"] for e in curve]
     assert params[0] == count_params(tiny_vgg) and macs[0] == count_macs(tiny_vgg, 32)
@@ -422,6 +423,7 @@ def test_run_pruning_curves(tiny_vgg, tiny_pair, random_U, method):
         assert set(e["acc"]) == {"overall", "c0w0", "c0w1", "c1w0", "c1w1"}
         assert 0.0 <= e["acc"]["overall"] <= 1.0 and 0.0 <= e["val_acc"]["overall"] <= 1.0
         assert 0.0 <= e["wm_relevance_share"] <= 1.0
+        assert set(e["wm_relevance_share_by_subgroup"]) == {"c0w1", "c1w1"}
     # the virtual-layer accuracy is reported only while the layer exists (cnp steps)
     assert [("acc_virtual_layer" in e) for e in curve] == [method == "cnp"] * 3 + [False]
     model = res.model
@@ -444,6 +446,7 @@ def test_cnp_and_vanilla_prune_different_filters(tiny_vgg, tiny_pair, random_U):
     assert cnp.model.conv_widths != van.model.conv_widths or any(
         not torch.equal(sd_c[k], sd_v[k]) for k in sd_c)
     assert math.isnan(cnp.curve[0]["wm_relevance_share"])  # disabled with wm_share_images=0
+    assert all(math.isnan(v) for v in cnp.curve[0]["wm_relevance_share_by_subgroup"].values())
 
 
 class _Interrupted(Exception):

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from cnp.data.splits import PairData
-from cnp.evaluate import subgroup_accuracy, subgroup_accuracy_with_site, wm_relevance_share
+from cnp.evaluate import subgroup_accuracy, subgroup_accuracy_with_site, wm_relevance_shares
 from cnp.io import CNPError, atomic_torch_save, recipe_hash, safe_torch_load, tensor_hash
 from cnp.lrp import LRPConfig
 from cnp.models import VGG, count_macs, count_params, get_layer, vgg_from_arch
@@ -184,12 +184,14 @@ def _evaluate(model: VGG, data: PairData, cfg: PruneConfig, device, image_size: 
             acc, acc_vl = subgroup_accuracy_with_site(model, vl, data["test"], device=device)
         else:
             acc = subgroup_accuracy(model, data["test"], device=device)
+        # wm_share_images = 0 explains no image: NaN shares, no LRP pass
+        shares = wm_relevance_shares(model, data["test"], cfg.lrp, device=device,
+                                     max_images=max(cfg.wm_share_images, 0))
         entry = {
             "acc": acc,
             "val_acc": subgroup_accuracy(model, data["val"], device=device),
-            "wm_relevance_share": (wm_relevance_share(model, data["test"], cfg.lrp, device=device,
-                                                      max_images=cfg.wm_share_images)
-                                   if cfg.wm_share_images > 0 else float("nan")),
+            "wm_relevance_share": shares.pop("all"),
+            "wm_relevance_share_by_subgroup": shares,
             "params": count_params(model),
             "macs": count_macs(model, image_size),
             "filters": int(sum(model.conv_widths)),
