@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from cnp.evaluate import WM_SUBGROUPS
 from cnp.figures import RunRecord, at_target, group_runs, load_runs
 
 EASY, HARD = "carton-dugong", "crate-packet"
@@ -140,10 +141,6 @@ def _control_mean(control: Sequence[RunRecord], method: str, key) -> float:
     return _ms(vals)[0]
 
 
-#: the watermarked subgroups whose shares ``wm_relevance_share_by_subgroup`` records
-SHARE_SUBGROUPS = ("c0w1", "c1w1")
-
-
 def _sub_share(entry: Mapping, group: str) -> float:
     return float(entry.get("wm_relevance_share_by_subgroup", {}).get(group, math.nan))
 
@@ -178,7 +175,7 @@ def claim_heatmap(runs: Sequence[RunRecord], control: Sequence[RunRecord] | None
     With ``control`` (no-shortcut control runs), the share their vanilla-pruned models end with
     is appended: the share of a model that never had the shortcut, an empirical floor (not judged).
     Where the runs record it, the same comparison on each watermarked subgroup alone
-    (:data:`SHARE_SUBGROUPS`: the OOD subgroup ``c0w1`` and the watermarked positives ``c1w1``)
+    (:data:`WM_SUBGROUPS`: the OOD subgroup ``c0w1`` and the watermarked positives ``c1w1``)
     is appended too (not judged; the target is the issue's, on all watermarked images).
     """
     s_cnp, s_van = _paired(runs, lambda e: e["wm_relevance_share"])
@@ -194,7 +191,7 @@ def claim_heatmap(runs: Sequence[RunRecord], control: Sequence[RunRecord] | None
     if n and not math.isnan(floor):
         measured += (f"; a no-shortcut control ends at {floor:.3f}, halving vanilla means "
                      f"{0.5 * vm:.3f} (not judged)")
-    for g in SHARE_SUBGROUPS:
+    for g in WM_SUBGROUPS:
         measured += _subgroup_share(runs, control or [], g)
     return {"claim": 4, "what": "share of relevance on watermark pixels at the target rate: CNP vs vanilla",
             "target": "CNP <= 0.5 x vanilla", "measured": measured, "holds": bool(n and ratio <= 0.5),

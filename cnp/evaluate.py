@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnp.data.splits import SUBGROUPS, Split, normalize_images
+from cnp.data.splits import SUBGROUPS, Split, normalize_images, subgroup_name
 from cnp.lrp import LRP, LRPConfig
 from cnp.training import predict_logits
 
@@ -95,6 +95,10 @@ def mask_share(heatmaps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return torch.where(tot > 0, on / tot.clamp(min=1e-12), torch.zeros_like(tot))
 
 
+#: the watermarked subgroups :func:`wm_relevance_shares` reports (class 0, class 1)
+WM_SUBGROUPS: tuple[str, ...] = tuple(subgroup_name(c, True) for c in (0, 1))
+
+
 def _share_index(split: Split, max_images: int | None) -> torch.Tensor:
     """The images a watermark share is measured on: the watermarked ones, at most ``max_images``, in order."""
     idx = torch.nonzero(split.wm).flatten()
@@ -133,9 +137,8 @@ def wm_relevance_shares(model: nn.Module, split: Split, lrp_config: LRPConfig | 
     bypassed).
     """
     idx = _share_index(split, max_images)
-    groups = ("c0w1", "c1w1")
     if idx.numel() == 0:
-        return {"all": float("nan"), **{g: float("nan") for g in groups}}
+        return {"all": float("nan"), **{g: float("nan") for g in WM_SUBGROUPS}}
     lrp = LRP(model, lrp_config)
     shares = []
     # images and masks are indexed where the model runs (Split.on_device: held there once on an
@@ -149,8 +152,8 @@ def wm_relevance_shares(model: nn.Module, split: Split, lrp_config: LRPConfig | 
     shares = torch.cat(shares).cpu()
     labels = split.labels[idx]
     result = {"all": float(shares.mean())}
-    for g in groups:
-        sel = labels == int(g[1])
+    for c, g in enumerate(WM_SUBGROUPS):
+        sel = labels == c
         result[g] = float(shares[sel].mean()) if bool(sel.any()) else float("nan")
     return result
 
