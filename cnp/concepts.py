@@ -4,7 +4,10 @@ This is the glue of stages 1 and 2 of the paper:
 
 * :func:`collect_activations_contexts` samples activations and LRP contexts at the layer
   (20 random positions per image over the DRSA set), the input of :func:`cnp.drsa.fit`;
-* :func:`fit_concepts` runs DRSA and returns the subspaces ``U_k``;
+* :func:`fit_concepts` runs DRSA and returns the subspaces ``U_k``; ``method='oracle'`` instead
+  builds them from the watermark masks (:func:`watermark_oracle_basis`: the first subspace holds
+  the directions with the most excess activation energy at watermark positions), a check that
+  separates "DRSA does not find the watermark" from "ablating it does not help";
 * :func:`concept_scores` gives every image's concept relevance ``R(k)`` through the virtual
   layer;
 * :func:`latent_analysis` scores each subspace by the average precision of ``R(k)`` against
@@ -27,6 +30,7 @@ from cnp.data.splits import Split, normalize_images
 from cnp.evaluate import mask_share, pixel_relevance
 from cnp.io import CNPError
 from cnp.lrp import LRP, LRPConfig, contexts
+from cnp.models import get_layer
 from cnp.runtime import progress
 from cnp.virtual_layer import VirtualLayer
 
@@ -52,6 +56,72 @@ def collect_activations_contexts(
     return torch.cat(As), torch.cat(Cs)
 
 
+@torch.no_grad()
+def watermark_positions(model: nn.Module, split: Split, layer: str = "relu4_3", cover: float = 0.5,
+                        batch_size: int = 50, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation vectors at ``layer`` on and off the watermark: ``(on, off)``, each (n, D).
+
+    A feature-map position is *on* when at least ``cover`` of its receptive patch (the image cut
+    into the map's grid) lies in the watermark mask, *off* when none of it does; positions in
+    between are left out. Images without a watermark give only *off* positions.
+
+    Raises
+    ------
+    CNPError
+        When ``split`` has no position on the watermark (no masks, or no watermarked image).
+    """
+    host = get_layer(model, layer)
+    grabbed: list[torch.Tensor] = []
+    hook = host.register_forward_hook(lambda _m, _i, out: grabbed.append(out.detach().float().clone()))
+    on, off = [], []
+    was = model.training
+    model.eval()
+    try:
+        for start in range(0, len(split), batch_size):
+            grabbed.clear()
+            model(normalize_images(split.images[start:start + batch_size], device))
+            a = grabbed[-1].cpu()                                          # (B, D, h, w)
+            m = split.masks[start:start + batch_size].float()[:, None]      # (B, 1, H, W)
+            frac = torch.nn.functional.adaptive_avg_pool2d(m, a.shape[-2:]).flatten()
+            a = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1])
+            on.append(a[frac >= cover])
+            off.append(a[frac == 0])
+    finally:
+        hook.remove()
+        model.train(was)
+    on_t, off_t = torch.cat(on), torch.cat(off)
+    if len(on_t) == 0 or len(off_t) == 0:
+        raise CNPError(f"the oracle subspace needs feature-map positions on and off the watermark at {layer}; "
+                       f"this split has {len(on_t)} on and {len(off_t)} off (no watermark masks, or no "
+                       "watermarked image?)")
+    return on_t, off_t
+
+
+def watermark_oracle_basis(on: torch.Tensor, off: torch.Tensor, K: int) -> torch.Tensor:
+    """An orthonormal ``(D, D)`` basis whose first subspace (``D / K`` columns) is the watermark's.
+
+    The directions are the eigenvectors of ``E[a a^T | on] - E[a a^T | off]`` (activation vectors
+    on and off the watermark, :func:`watermark_positions`; float64), by decreasing eigenvalue:
+    the first ``D / K`` span the directions with the most excess activation energy where the
+    watermark is; the others, in the same order, fill subspaces 2..K (an arbitrary but
+    deterministic partition of the rest). Each column is sign-fixed like :func:`cnp.drsa.prca`.
+    Built from ground-truth masks, it is an oracle, not a method the paper proposes.
+    """
+    if on.dim() != 2 or off.dim() != 2 or on.shape[1] != off.shape[1]:
+        raise CNPError(f"on and off must be (n, D) with the same D, got {tuple(on.shape)} and {tuple(off.shape)}")
+    D = on.shape[1]
+    if not isinstance(K, int) or K < 1 or D % K:
+        raise CNPError(f"K must divide D = {D}, got {K!r}")
+    a, b = on.to(torch.float64), off.to(torch.float64)
+    M = a.T @ a / len(a) - b.T @ b / len(b)
+    _, vecs = torch.linalg.eigh((M + M.T) / 2)
+    vecs = vecs.flip(1)
+    rows = vecs.abs().argmax(dim=0)
+    signs = torch.sign(vecs.gather(0, rows.unsqueeze(0)))
+    signs[signs == 0] = 1
+    return (vecs * signs).to(on.dtype)
+
+
 @dataclass
 class ConceptFit:
     """Result of :func:`fit_concepts`."""
@@ -73,8 +143,14 @@ def fit_concepts(
 ) -> ConceptFit:
     """Learn K concept subspaces at ``layer`` from the positive images of ``split``.
 
-    ``method='drsa'`` (the paper) or ``'prca'`` (baseline: PRCA eigenbasis cut into K blocks).
+    ``method='drsa'`` (the paper), ``'prca'`` (baseline: PRCA eigenbasis cut into K blocks) or
+    ``'oracle'`` (:func:`watermark_oracle_basis` from the split's watermark masks: subspace 0 is
+    the watermark's; no relevance is used, ``J`` is NaN).
     """
+    if method == "oracle":
+        on, off = watermark_positions(model, split, layer, device=device)
+        U = watermark_oracle_basis(on, off, K)
+        return ConceptFit(U=U, K=K, J=float("nan"), history=[], layer=layer)
     A, C = collect_activations_contexts(model, split, layer, 1, n_positions, seed, lrp_config=lrp_config,
                                         device=device, verbose=verbose)
     An, Cn = drsa.normalize(A, C)
@@ -84,7 +160,7 @@ def fit_concepts(
         return ConceptFit(U=U, K=K, J=J, history=[J], layer=layer,
                           A=A if keep_data else None, C=C if keep_data else None)
     if method != "drsa":
-        raise CNPError(f"unknown subspace method {method!r}; use 'drsa' or 'prca'")
+        raise CNPError(f"unknown subspace method {method!r}; use 'drsa', 'prca' or 'oracle'")
     res = drsa.fit(An.to(device), Cn.to(device), K, steps, init=init, restarts=restarts, seed=seed,
                    progress=verbose, checkpoint=checkpoint)
     return ConceptFit(U=res.U.cpu(), K=K, J=float(res.J), history=[float(v) for v in res.history],

@@ -277,8 +277,8 @@ def _validate(p: Params) -> None:
             continue
         if not 0 <= v <= 1:
             raise CNPError(f"{name} must be a rate in [0, 1], got {v}")
-    if p.subspace_method not in ("drsa", "prca"):
-        raise CNPError(f"subspace_method must be 'drsa' or 'prca', got {p.subspace_method!r}")
+    if p.subspace_method not in ("drsa", "prca", "oracle"):
+        raise CNPError(f"subspace_method must be 'drsa', 'prca' or 'oracle', got {p.subspace_method!r}")
     if p.epochs_per_step < 0 or p.final_epochs < 0:
         raise CNPError("epochs_per_step and final_epochs must be >= 0")
 

@@ -15,6 +15,8 @@ from cnp.concepts import (
     latent_analysis,
     propose_ablation,
     subspace_mask_share,
+    watermark_oracle_basis,
+    watermark_positions,
 )
 from cnp.data.splits import Split, normalize_images
 from cnp.io import CNPError
@@ -158,3 +160,73 @@ def test_subspace_mask_share_without_masks(tiny_vgg, random_U, make_images):
     vl = insert_virtual_layer(tiny_vgg, random_U(D), 4)
     per, overall = subspace_mask_share(tiny_vgg, vl, split)
     assert all(np.isnan(per)) and np.isnan(overall)
+
+
+# ---------------------------------------------------------------------------- oracle subspace
+def test_watermark_oracle_basis_recovers_a_planted_subspace():
+    """Activations on the watermark carry extra energy along a known 3-dim subspace Q: the first
+    block of the oracle basis (D / K = 3 columns) spans Q, and the basis is orthonormal."""
+    g = torch.Generator().manual_seed(0)
+    Dp, K = 12, 4
+    Q, _ = torch.linalg.qr(torch.randn(Dp, 3, generator=g, dtype=torch.float64))
+    off = torch.randn(4000, Dp, generator=g, dtype=torch.float64)
+    on = torch.randn(4000, Dp, generator=g, dtype=torch.float64) + 3 * torch.randn(4000, 3, generator=g,
+                                                                                   dtype=torch.float64) @ Q.T
+    U = watermark_oracle_basis(on, off, K)
+    check_orthonormal(U, tol=1e-8)
+    captured = float((Q.T @ U[:, :3]).pow(2).sum())        # 3 when the block spans Q exactly
+    assert captured > 2.9
+    assert float((Q.T @ U[:, 3:]).pow(2).sum()) < 0.1      # the other blocks hold little of it
+    with pytest.raises(CNPError, match="K must divide D"):
+        watermark_oracle_basis(on, off, 5)
+    with pytest.raises(CNPError, match="same D"):
+        watermark_oracle_basis(on, off[:, :5], 4)
+
+
+def test_watermark_positions_follow_the_masks(tiny_vgg, make_images):
+    """A mask over the whole image makes every feature-map position 'on', none makes them 'off',
+    a mask over the left half splits the map's columns; the vectors are the layer's activations."""
+    from cnp.models import get_layer
+
+    imgs = make_images(3)
+    full = torch.ones(3, 32, 32, dtype=torch.bool)
+    half = torch.zeros(3, 32, 32, dtype=torch.bool)
+    half[:, :, :16] = True
+    none = torch.zeros(3, 32, 32, dtype=torch.bool)
+    grabbed = []
+    hook = get_layer(tiny_vgg, "relu4_3").register_forward_hook(lambda _m, _i, o: grabbed.append(o.detach().clone()))
+    with torch.no_grad():
+        tiny_vgg(normalize_images(imgs))
+    hook.remove()
+    a = grabbed[0]                                            # (3, D, h, w)
+    h, w = a.shape[-2:]
+    vecs = a.permute(0, 2, 3, 1).reshape(-1, D)
+
+    def split(masks):
+        return Split(images=imgs, labels=torch.ones(3, dtype=torch.long), wm=masks.flatten(1).any(1), masks=masks)
+
+    both = torch.cat([split(full).masks, split(none).masks])
+    on, off = watermark_positions(tiny_vgg, Split(images=torch.cat([imgs, imgs]), labels=torch.ones(6, dtype=torch.long),
+                                                  wm=both.flatten(1).any(1), masks=both), batch_size=2)
+    assert torch.allclose(on, vecs) and torch.allclose(off, vecs)
+    on, off = watermark_positions(tiny_vgg, split(half))
+    assert on.shape == off.shape == (3 * h * w // 2, D)
+    left = a[..., : w // 2].permute(0, 2, 3, 1).reshape(-1, D)
+    assert torch.allclose(on, left)
+    with pytest.raises(CNPError, match="positions on and off the watermark"):
+        watermark_positions(tiny_vgg, split(none))
+
+
+def test_fit_concepts_oracle(tiny_vgg, tiny_pair):
+    """method='oracle' builds an orthonormal basis from the DRSA split's masks (no DRSA, J NaN)
+    that plugs into the virtual layer like a DRSA fit."""
+    fit = fit_concepts(tiny_vgg, tiny_pair["drsa"], K=4, method="oracle", verbose=False)
+    assert fit.U.shape == (D, D) and np.isnan(fit.J) and fit.history == []
+    check_orthonormal(fit.U, tol=1e-4)
+    on, off = watermark_positions(tiny_vgg, tiny_pair["drsa"])
+    assert torch.allclose(fit.U, watermark_oracle_basis(on, off, 4))
+    vl = insert_virtual_layer(tiny_vgg, fit.U, fit.K)
+    x = normalize_images(tiny_pair["drsa"].images)
+    out = LRP(tiny_vgg).attribute(x, 1)
+    assert torch.allclose(vl.last_concept_relevance.sum(1), out.target_logit,
+                          atol=1e-4 * float(out.target_logit.abs().max()))

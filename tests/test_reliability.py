@@ -605,6 +605,7 @@ def test_real_full_disk_on_a_tiny_tmpfs(rel, reference, tmp_path):
     ({"target": 0}, r"target pruning rate must be in \(0, 1\), got 0"),
     ({"target": -0.2}, r"target pruning rate must be in \(0, 1\)"),
     ({"layer": "fc6"}, r"layer must be a conv layer"),
+    ({"subspace_method": "pca"}, r"subspace_method must be 'drsa', 'prca' or 'oracle', got 'pca'"),
 ])
 def test_bad_parameter_is_one_line_before_any_work(tmp_path, overrides, pattern):
     from cnp.pipeline import make_params, run_all
