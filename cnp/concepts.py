@@ -104,7 +104,7 @@ def watermark_oracle_basis(on: torch.Tensor, off: torch.Tensor, K: int) -> torch
     on and off the watermark, :func:`watermark_positions`; float64), by decreasing eigenvalue:
     the first ``D / K`` span the directions with the most excess activation energy where the
     watermark is; the others, in the same order, fill subspaces 2..K (an arbitrary but
-    deterministic partition of the rest). Each column is sign-fixed like :func:`cnp.drsa.prca`.
+    deterministic partition of the rest). Each column is sign-fixed (:func:`cnp.drsa.fix_signs`).
     Built from ground-truth masks, it is an oracle, not a method the paper proposes.
     """
     if on.dim() != 2 or off.dim() != 2 or on.shape[1] != off.shape[1]:
@@ -115,11 +115,7 @@ def watermark_oracle_basis(on: torch.Tensor, off: torch.Tensor, K: int) -> torch
     a, b = on.to(torch.float64), off.to(torch.float64)
     M = a.T @ a / len(a) - b.T @ b / len(b)
     _, vecs = torch.linalg.eigh((M + M.T) / 2)
-    vecs = vecs.flip(1)
-    rows = vecs.abs().argmax(dim=0)
-    signs = torch.sign(vecs.gather(0, rows.unsqueeze(0)))
-    signs[signs == 0] = 1
-    return (vecs * signs).to(on.dtype)
+    return drsa.fix_signs(vecs.flip(1)).to(on.dtype)
 
 
 @dataclass

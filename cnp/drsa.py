@@ -53,6 +53,7 @@ __all__ = [
     "DRSAResult",
     "concept_relevance",
     "fit",
+    "fix_signs",
     "normalize",
     "objective",
     "planted_problem",
@@ -331,11 +332,16 @@ def prca(A: torch.Tensor, C: torch.Tensor, n_components: int | None = None) -> t
     S = A64.T @ C64
     S = (S + S.T) / 2
     _, vecs = torch.linalg.eigh(S)
-    vecs = vecs.flip(1)[:, : int(n_components)]
+    return fix_signs(vecs.flip(1)[:, : int(n_components)]).to(_work_dtype(A))
+
+
+def fix_signs(vecs: torch.Tensor) -> torch.Tensor:
+    """Columns multiplied by +-1 so that each one's largest-magnitude entry is positive
+    (eigenvectors are defined up to sign; this makes a basis deterministic)."""
     rows = vecs.abs().argmax(dim=0)
     signs = torch.sign(vecs.gather(0, rows.unsqueeze(0)))
     signs[signs == 0] = 1
-    return (vecs * signs).to(_work_dtype(A))
+    return vecs * signs
 
 
 def random_orthogonal(D: int, n: int = 1, seed: int = 0) -> torch.Tensor:
