@@ -30,7 +30,7 @@ from cnp.data.splits import Split, normalize_images
 from cnp.evaluate import mask_share, pixel_relevance
 from cnp.io import CNPError
 from cnp.lrp import LRP, LRPConfig, contexts
-from cnp.models import get_layer
+from cnp.models import layer_outputs
 from cnp.runtime import progress
 from cnp.virtual_layer import VirtualLayer
 
@@ -56,7 +56,6 @@ def collect_activations_contexts(
     return torch.cat(As), torch.cat(Cs)
 
 
-@torch.no_grad()
 def watermark_positions(model: nn.Module, split: Split, layer: str = "relu4_3", cover: float = 0.5,
                         batch_size: int = 50, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Activation vectors at ``layer`` on and off the watermark: ``(on, off)``, each (n, D).
@@ -70,25 +69,16 @@ def watermark_positions(model: nn.Module, split: Split, layer: str = "relu4_3", 
     CNPError
         When ``split`` has no position on the watermark (no masks, or no watermarked image).
     """
-    host = get_layer(model, layer)
-    grabbed: list[torch.Tensor] = []
-    hook = host.register_forward_hook(lambda _m, _i, out: grabbed.append(out.detach().float().clone()))
     on, off = [], []
-    was = model.training
-    model.eval()
-    try:
-        for start in range(0, len(split), batch_size):
-            grabbed.clear()
-            model(normalize_images(split.images[start:start + batch_size], device))
-            a = grabbed[-1].cpu()                                          # (B, D, h, w)
-            m = split.masks[start:start + batch_size].float()[:, None]      # (B, 1, H, W)
-            frac = torch.nn.functional.adaptive_avg_pool2d(m, a.shape[-2:]).flatten()
-            a = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1])
-            on.append(a[frac >= cover])
-            off.append(a[frac == 0])
-    finally:
-        hook.remove()
-        model.train(was)
+    starts = range(0, len(split), batch_size)
+    batches = (normalize_images(split.images[i:i + batch_size], device) for i in starts)
+    for start, a in zip(starts, layer_outputs(model, layer, batches)):
+        a = a.float().cpu()                                                  # (B, D, h, w)
+        m = split.masks[start:start + batch_size].float()[:, None]          # (B, 1, H, W)
+        frac = torch.nn.functional.adaptive_avg_pool2d(m, a.shape[-2:]).flatten()
+        a = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1])
+        on.append(a[frac >= cover])
+        off.append(a[frac == 0])
     on_t, off_t = torch.cat(on), torch.cat(off)
     if len(on_t) == 0 or len(off_t) == 0:
         raise CNPError(f"the oracle subspace needs feature-map positions on and off the watermark at {layer}; "

@@ -12,7 +12,7 @@ Layer names accepted everywhere in ``cnp``: the paper's (``conv4_3``, ``relu4_3`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +211,29 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
     if q not in modules:
         raise CNPError(f"layer {name!r} ({q}) does not exist in this model")
     return modules[q]
+
+
+@torch.no_grad()
+def layer_outputs(model: nn.Module, layer: str, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The output of ``layer`` (paper or qualified name) for each input batch, in order.
+
+    The model runs in eval mode with a forward hook on the layer (the hook is removed, and the
+    model's training flag restored, when the iteration ends or is abandoned). ``batches`` are
+    model inputs (already normalised); the outputs are detached, on the model's device.
+    """
+    host = get_layer(model, layer)
+    grabbed: list[torch.Tensor] = []
+    hook = host.register_forward_hook(lambda _m, _i, out: grabbed.append(out.detach()))
+    was = model.training
+    model.eval()
+    try:
+        for x in batches:
+            grabbed.clear()
+            model(x)
+            yield grabbed[-1]
+    finally:
+        hook.remove()
+        model.train(was)
 
 
 def conv_index(model: VGG, name: str) -> int:

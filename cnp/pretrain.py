@@ -27,7 +27,7 @@ from cnp.models import (
     VGG,
     block_widths_to_conv_widths,
     fold_batchnorm,
-    get_layer,
+    layer_outputs,
     load_model,
     save_model,
 )
@@ -231,14 +231,8 @@ class BackboneReport:
 def activation_rank(model: VGG, images_uint8: torch.Tensor, layer: str = "relu4_3",
                     energy: float = 0.99, max_images: int = 500) -> int:
     """Number of principal directions holding ``energy`` of the centred activations at ``layer``."""
-    acts = []
-    module = get_layer(model, layer)
-    handle = module.register_forward_hook(lambda m, i, o: acts.append(o.detach()))
-    with torch.no_grad():
-        model.eval()
-        model(normalize_images(images_uint8[:max_images]))
-    handle.remove()
-    a = acts[0].permute(0, 2, 3, 1).reshape(-1, acts[0].shape[1]).double()
+    (out,) = layer_outputs(model, layer, [normalize_images(images_uint8[:max_images])])
+    a = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1]).double()
     a = a - a.mean(0)
     ev = torch.linalg.eigvalsh(a.T @ a).flip(0).clamp(min=0)
     cum = torch.cumsum(ev, 0) / ev.sum()

@@ -31,7 +31,7 @@ from torch import nn
 
 from cnp.io import CNPError
 from cnp.lrp import ContextSite, attach_site
-from cnp.models import get_layer, qualified_name
+from cnp.models import layer_outputs, qualified_name
 
 ABLATION_MODES = ("zero", "mean")
 
@@ -137,26 +137,23 @@ class VirtualLayer(ContextSite):
         """
         from cnp.data.splits import normalize_images
 
-        host = get_layer(model, self.layer_name) if self.layer_name else None
-        if host is None:
+        if not self.layer_name:
             raise CNPError("attach the virtual layer to a model (insert_virtual_layer) before fit_mean")
         total, count = None, 0
-        acts = []
-        h = host.register_forward_hook(lambda m, i, o: acts.append(o.detach()))
+
+        def batches():
+            for start in range(0, images.shape[0], batch_size):
+                xb = images[start:start + batch_size]
+                yield normalize_images(xb, self.U.device) if xb.dtype == torch.uint8 else xb.to(self.U.device)
+
         was = self.enabled
         self.enabled = False
         try:
-            model.eval()
-            for start in range(0, images.shape[0], batch_size):
-                xb = images[start:start + batch_size]
-                xb = normalize_images(xb, self.U.device) if xb.dtype == torch.uint8 else xb.to(self.U.device)
-                acts.clear()
-                model(xb)
-                a = acts[0].transpose(0, 1).reshape(self.D, -1)
+            for out in layer_outputs(model, self.layer_name, batches()):
+                a = out.transpose(0, 1).reshape(self.D, -1)
                 total = a.sum(1) if total is None else total + a.sum(1)
                 count += a.shape[1]
         finally:
-            h.remove()
             self.enabled = was
         self.mean_activation = (total / max(count, 1)).float()
         self._has_mean = True

@@ -159,3 +159,27 @@ def test_load_model_rejects_other_files(tmp_path):
     atomic_torch_save(tmp_path / "other.pt", {"weights": torch.zeros(2)})
     with pytest.raises(CNPError, match="not a cnp model checkpoint"):
         load_model(tmp_path / "other.pt")
+
+
+def test_layer_outputs_hooks_once_and_cleans_up(tiny_vgg):
+    """layer_outputs yields the layer's output for each batch (the same as running the features up
+    to that layer), leaves no hook behind and restores the training flag, also when abandoned."""
+    from cnp.models import get_layer, layer_outputs, qualified_name
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 3, 32, 32, generator=g), torch.randn(3, 3, 32, 32, generator=g)]
+    idx = int(qualified_name("relu4_3").split(".")[-1])
+    tiny_vgg.train()
+    outs = list(layer_outputs(tiny_vgg, "relu4_3", xs))
+    assert tiny_vgg.training
+    with torch.no_grad():
+        want = [tiny_vgg.eval().features[: idx + 1](x) for x in xs]
+    assert [tuple(o.shape) for o in outs] == [tuple(w.shape) for w in want]
+    assert all(torch.allclose(o, w) for o, w in zip(outs, want))
+    assert not get_layer(tiny_vgg, "relu4_3")._forward_hooks
+    tiny_vgg.train()
+    it = layer_outputs(tiny_vgg, "relu4_3", xs)
+    next(it)
+    assert not tiny_vgg.training
+    it.close()                                   # abandoned after one batch
+    assert tiny_vgg.training and not get_layer(tiny_vgg, "relu4_3")._forward_hooks
