@@ -102,7 +102,7 @@ class Params:
     warmup_head: str = "classifier"
     # augment (DRSA)
     layer: str = "conv4_3"
-    K: int = 4
+    K: int = 8
     d_k: int = 0  # 0: D / K
     lrp_variant: str = "alpha1beta0"
     drsa_steps: int = 500
@@ -118,14 +118,16 @@ class Params:
     methods: tuple[str, ...] = ("cnp", "vanilla")
     step: float = 0.05
     target: float = 0.8
+    rate_of: str = "all"
     epochs_per_step: int = 2
     final_epochs: int = 2
     ft_lr: float = 1e-3
     ft_batch_size: int = 64
     ft_grad_clip: float = 5.0
     ranking_data: str = "pos"
-    aggregation: str = "abs"
-    normalisation: str = "mean"
+    aggregation: str = "signed"
+    normalisation: str = "sum"
+    freeze_drsa_layer: bool = False
     finetune_with_virtual_layer: bool = False
     recompute_drsa: bool = False
     wm_share_images: int = 200
@@ -281,6 +283,13 @@ def _validate(p: Params) -> None:
         raise CNPError(f"subspace_method must be 'drsa', 'prca' or 'oracle', got {p.subspace_method!r}")
     if p.epochs_per_step < 0 or p.final_epochs < 0:
         raise CNPError("epochs_per_step and final_epochs must be >= 0")
+    from cnp.pruning.ranking import AGGREGATIONS, NORMALISATIONS
+    from cnp.pruning.schedule import RATE_BASES
+
+    for name, allowed in (("aggregation", AGGREGATIONS), ("normalisation", NORMALISATIONS),
+                          ("rate_of", RATE_BASES), ("ranking_data", ("pos", "pos+neg"))):
+        if getattr(p, name) not in allowed:
+            raise CNPError(f"{name} must be one of {', '.join(allowed)}, got {getattr(p, name)!r}")
 
 
 def layer_width(p: Params) -> int:
@@ -432,7 +441,7 @@ def _stage_key(p: Params, stage: str) -> str:
     groups = {
         1: ("layer", "K", "d_k", "lrp_variant", "drsa_steps", "drsa_restarts", "n_positions", "subspace_method"),
         2: ("ablate", "ap_threshold", "max_ablate", "ablation_mode"),
-        3: ("step", "target", "epochs_per_step", "final_epochs", "ft_lr", "ft_batch_size", "ft_grad_clip", "ranking_data",
+        3: ("step", "target", "rate_of", "freeze_drsa_layer", "epochs_per_step", "final_epochs", "ft_lr", "ft_batch_size", "ft_grad_clip", "ranking_data",
             "aggregation", "normalisation", "finetune_with_virtual_layer", "recompute_drsa"),
     }
     for level, keys in groups.items():
@@ -664,9 +673,10 @@ def run_ablate(run: Run, verbose: bool = True) -> dict:
             ablated = propose_ablation(ap, threshold=p.ap_threshold, max_ablate=p.max_ablate or None)
         elif p.ablate.startswith("mask:"):
             # a stand-in for the human evaluation of the heatmaps: the subspace whose heatmaps put
-            # the largest share of relevance on a named part (e.g. the ball of the Figure 1 demo)
+            # the largest share of relevance on a named part (e.g. the ball of the Figure 1 demo),
+            # measured on the validation positives (the test set is only evaluated)
             part = p.ablate[5:]
-            pos = data["test"].positives()
+            pos = data["val"].positives()
             if part not in pos.extra_masks:
                 raise CNPError(f"ablate={p.ablate!r}: this data set has no '{part}' masks "
                                f"(available: {sorted(pos.extra_masks) or 'none'})")
@@ -704,9 +714,10 @@ def run_prune(run: Run, verbose: bool = True) -> dict:
     from cnp.pruning import PruneConfig, run_pruning
 
     abl = run_ablate(run, verbose)
-    cfg = PruneConfig(step=p.step, target=p.target, epochs_per_step=p.epochs_per_step, final_epochs=p.final_epochs,
+    cfg = PruneConfig(step=p.step, target=p.target, rate_of=p.rate_of, epochs_per_step=p.epochs_per_step, final_epochs=p.final_epochs,
                       lr=p.ft_lr, batch_size=p.ft_batch_size, grad_clip=p.ft_grad_clip, ranking_data=p.ranking_data,
                       aggregation=p.aggregation, normalisation=p.normalisation, protect=(p.protect_layer,),
+                      freeze=(p.protect_layer,) if p.freeze_drsa_layer else (),
                       finetune_with_virtual_layer=p.finetune_with_virtual_layer, recompute_drsa=p.recompute_drsa,
                       wm_share_images=p.wm_share_images, lrp=LRPConfig(variant=p.lrp_variant))
     curves, timings = dict(summary["curves"]) if summary else {}, dict(summary["timings"]) if summary else {}

@@ -46,6 +46,11 @@ Presets (``--preset``; ``--pairs``, ``--seeds``, ``-p`` and ``-g`` given on the 
 
                     python -m cnp.sweep --preset control --out runs/reproduce
 
+``evidence``    the claims as statistical tests (``cnp.claims``): the easy pair on 10 seeds, the
+                hard pair on 5 and the no-shortcut control on 5 at the ``reproduce`` settings
+                (``DIR/reproduce``), the easy pair on 5 seeds at full fidelity (``DIR/full``) and
+                the held-out styles on 5 seeds each (``DIR/styles``); figures per part in
+                ``--figures``/<part>.
 ``smoke``       one tiny run (``smoke=True``): checks the machinery in about a minute.
 ``table1``      the paper's Table 1 search space as a full grid: K in 4, 8, 16 (``d_k = D / K``,
                 so ``K * d_k = D``), LRP variant epsilon / alpha1beta0 / gamma, fine-tuning
@@ -157,6 +162,23 @@ STYLES_SELECTED: dict[str, Any] = {"wm_text": "stock", "wm_placement": "random",
 #: label beside the reproduce runs: DIR/carton-dugong/wm_rate_pos-0.475_wm_rate_neg-0.475/seed<k>.
 CONTROL_GRID: dict[str, list] = {"wm_rate_pos": [0.475], "wm_rate_neg": [0.475]}
 
+#: `python -m cnp.sweep --preset evidence --out runs/evidence`: the claims as statistical tests.
+#: Parts, each into its own sub-directory of --out (claims and figures per part):
+#:   reproduce/  easy pair seeds 0-9 and hard pair seeds 0-4 at the `reproduce` settings, plus the
+#:               no-shortcut control (5 seeds) - claims 1-5;
+#:   full/       easy pair seeds 0-4 at full fidelity (the paper's Appendix A sizes, 5 % steps);
+#:   styles/     held-out watermark styles and the mean ablation, 5 seeds each - claim 6.
+EVIDENCE_SEEDS: list[int] = list(range(10))
+EVIDENCE_PARTS: list[tuple[str, dict[str, Any]]] = [
+    ("reproduce", {"pairs": ["carton-dugong"], "seeds": EVIDENCE_SEEDS, "params": dict(REPRODUCE_PARAMS)}),
+    ("reproduce", {"pairs": ["carton-dugong"], "seeds": REPRODUCE_SEEDS, "params": dict(REPRODUCE_PARAMS),
+                   "grid": CONTROL_GRID}),
+    ("full", {"pairs": ["carton-dugong"], "seeds": FULL_SEEDS, "params": {"methods": "cnp,vanilla", "K": 8}}),
+    ("reproduce", {"pairs": ["crate-packet"], "seeds": [0, 1, 2, 3, 4], "params": dict(REPRODUCE_PARAMS)}),
+    ("styles", {"pairs": ["carton-dugong"], "seeds": [0, 1, 2, 3, 4], "params": dict(REPRODUCE_PARAMS),
+                "grid": STYLES_GRID, "grid_mode": "variations", "selected": STYLES_SELECTED}),
+]
+
 PRESETS: dict[str, dict[str, Any]] = {
     "reproduce": {
         "doc": "make reproduce: easy pair, hard pair and the basketball demo on the embedded benchmark",
@@ -173,7 +195,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "styles": {
         "doc": "claim 6: held-out watermark styles and mean ablation on the easy pair (one axis at a time)",
-        "pairs": ["carton-dugong"], "seeds": [0, 1, 2], "params": dict(REPRODUCE_PARAMS),
+        "pairs": ["carton-dugong"], "seeds": [0, 1, 2, 3, 4], "params": dict(REPRODUCE_PARAMS),
         "grid": STYLES_GRID, "grid_mode": "variations", "selected": STYLES_SELECTED,
     },
     "control": {
@@ -181,6 +203,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                "the reference for claims 3 and 4; run it into the reproduce sweep directory",
         "pairs": ["carton-dugong"], "seeds": REPRODUCE_SEEDS, "params": dict(REPRODUCE_PARAMS),
         "grid": CONTROL_GRID, "grid_mode": "product",
+    },
+    "evidence": {
+        "doc": "the claims as statistical tests: easy pair 10 seeds + hard pair 5 + control 5 (reproduce/), "
+               "5 seeds at full fidelity (full/), held-out styles 5 seeds each (styles/)",
+        "parts": EVIDENCE_PARTS,
     },
     "smoke": {
         "doc": "one tiny run (smoke=True) to check the machinery",
@@ -804,6 +831,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def plan_preset(preset: Mapping[str, Any], out: Path, args: argparse.Namespace, cli: Mapping[str, Any],
+                cli_grid: Mapping[str, list]) -> list[Job]:
+    """The jobs of one preset (or preset part) into ``out``; ``--pairs``, ``--seeds``, ``-p`` and
+    ``-g`` from the command line win over the preset's values (per-pair values included)."""
+    pairs = args.pairs or preset.get("pairs")
+    seeds = args.seeds if args.seeds is not None else preset.get("seeds")
+    params = {**preset.get("params", {}), **cli}
+    pair_params = {k: {n: v for n, v in d.items() if n not in cli} for k, d in preset.get("pair_params", {}).items()}
+    grid = {**preset.get("grid", {}), **cli_grid}
+    mode = args.grid_mode or preset.get("grid_mode", "product")
+    pair_seeds = preset.get("pair_seeds", {}) if args.seeds is None else {}
+    return plan(pairs or [], seeds or [], out, params, grid, mode, preset.get("selected"), pair_params, pair_seeds)
+
+
 def prepare_shared(jobs: Sequence[Job], verbose: bool = True) -> None:
     """Build what the runs share (the embedded backbone) once, before the workers start
     (otherwise each worker would pretrain the same backbone at the same time). Pretraining pins its
@@ -853,17 +894,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         preset = PRESETS[args.preset] if args.preset else {}
-        pairs = args.pairs or preset.get("pairs")
-        seeds = args.seeds if args.seeds is not None else preset.get("seeds")
         cli = parse_assignments(args.param)
-        params = {**preset.get("params", {}), **cli}
-        # command-line values win over a preset's per-pair values too
-        pair_params = {k: {n: v for n, v in d.items() if n not in cli} for k, d in preset.get("pair_params", {}).items()}
-        grid = {**preset.get("grid", {}), **parse_grid(args.grid)}
-        mode = args.grid_mode or preset.get("grid_mode", "product")
-        pair_seeds = preset.get("pair_seeds", {}) if args.seeds is None else {}
-        jobs = plan(pairs or [], seeds or [], args.out, params, grid, mode, preset.get("selected"), pair_params,
-                    pair_seeds)
+        cli_grid = parse_grid(args.grid)
+        jobs, part_dirs = [], []
+        # a preset with parts runs each part into its own sub-directory of --out
+        for sub, part in preset.get("parts", [("", preset)]):
+            jobs += plan_preset(part, Path(args.out) / sub if sub else Path(args.out), args, cli, cli_grid)
+            part_dirs += [sub] if sub not in part_dirs else []
         check_overrides(jobs)
     except CNPError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -907,19 +944,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     fig_failed = ""
     if not args.no_figures:
-        if any((Path(r["run_dir"]) / "metrics.json").exists() for r in results) or any(out.rglob("metrics.json")):
+        for sub in part_dirs:
+            part_out = out / sub if sub else out
+            figures_dir = Path(args.figures) / sub if sub else Path(args.figures)
+            if not any(part_out.rglob("metrics.json")):
+                print(f"[sweep] no finished run in {part_out}: 06_figures skipped", flush=True)
+                continue
             _set_thread_env(threads)
-            print(f"[sweep] 06_figures over {out} -> {args.figures}", flush=True)
+            print(f"[sweep] 06_figures over {part_out} -> {figures_dir}", flush=True)
             try:
-                execute(notebooks / FIGURES_NOTEBOOK, out / FIGURES_NOTEBOOK,
+                execute(notebooks / FIGURES_NOTEBOOK, part_out / FIGURES_NOTEBOOK,
                         injected_parameters(notebooks / FIGURES_NOTEBOOK,
-                                            {"sweep_dir": str(out.resolve()),
-                                             "figures_dir": str(Path(args.figures).resolve())}),
-                        kernel=args.kernel, cwd=out)
+                                            {"sweep_dir": str(part_out.resolve()),
+                                             "figures_dir": str(figures_dir.resolve())}),
+                        kernel=args.kernel, cwd=part_out)
             except Exception as exc:  # noqa: BLE001
-                fig_failed = _error_line(exc)
-        else:
-            print("[sweep] no finished run: 06_figures skipped", flush=True)
+                fig_failed = fig_failed or _error_line(exc)
 
     rows, cols = summary_rows(results)
     failed = [r for r in results if r["status"] == "failed"]

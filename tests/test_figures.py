@@ -237,32 +237,51 @@ def test_load_heatmaps_arrays(tmp_path):
     assert figures.load_heatmaps(tmp_path / "nothing") is None
 
 
-def test_claims_table_margins(tmp_path):
-    """cnp.claims applies the results issue's thresholds: claim 3 (and claim 6 per style group)
-    needs CNP's mean c0w1 >= vanilla's + 0.10 with overall no more than 1 point lower; a mere
-    direction (+0.02) does not count; claim 4 needs the share halved."""
-    from cnp.claims import claims_table
+def _claim_run(tmp_path, label, seed, c_cnp, c_van, ov=(0.9, 0.9), sub=None, rates=(0.9, 0.05), share=(0.1, 0.1)):
+    """A RunRecord with one final curve entry per method (c0w1, overall, watermark shares)."""
     from cnp.figures import RunRecord
 
-    def run(label, seed, c_cnp, c_van, share_cnp=0.1, share_van=0.1, ov=(0.9, 0.9)):
-        def curve(c0w1, overall, share):
-            acc = {"overall": overall, "c0w0": 0.9, "c0w1": c0w1, "c1w0": 0.9, "c1w1": 0.9}
-            return [{"pruned": 0.8, "stage": "final", "acc": acc, "wm_relevance_share": share}]
-        m = {"unpruned": {"acc": {"overall": 0.9, "c0w0": 1.0, "c0w1": 0.6, "c1w0": 1.0, "c1w1": 1.0}},
-             "drsa": {"ap_watermark": [0.5, 0.9], "wm_relevance_share": [0.1, 0.3]},
-             "curves": {"cnp": curve(c_cnp, ov[0], share_cnp), "vanilla": curve(c_van, ov[1], share_van)}}
-        return RunRecord(label=label, pair="carton-dugong", seed=seed, run_dir=tmp_path, metrics=m)
+    def curve(c0w1, overall, method):
+        acc = {"overall": overall, "c0w0": 0.9, "c0w1": c0w1, "c1w0": 0.9, "c1w1": 0.9}
+        e = {"pruned": 0.8, "stage": "final", "acc": acc, "wm_relevance_share": share[method == "vanilla"]}
+        if sub is not None:
+            e["wm_relevance_share_by_subgroup"] = {"c0w1": sub[method == "vanilla"], "c1w1": 0.2}
+        return [e]
+    m = {"params": {"wm_rate_pos": rates[0], "wm_rate_neg": rates[1]},
+         "unpruned": {"acc": {"overall": 0.9, "c0w0": 1.0, "c0w1": 0.6 + 0.01 * seed, "c1w0": 1.0, "c1w1": 1.0}},
+         "drsa": {"ap_watermark": [0.5, 0.9], "wm_relevance_share": [0.1, 0.3]},
+         "curves": {"cnp": curve(c_cnp, ov[0], "cnp"), "vanilla": curve(c_van, ov[1], "vanilla")}}
+    return RunRecord(label=label, pair=label.split("/")[0], seed=seed, run_dir=tmp_path, metrics=m)
 
-    runs = [run("carton-dugong", s, 0.8, 0.6, 0.05, 0.12) for s in range(3)]
-    runs += [run("carton-dugong/wm_text-x", s, 0.80, 0.78) for s in range(3)]          # direction only
-    runs += [run("carton-dugong/ablation_mode-mean", s, 0.8, 0.6, ov=(0.85, 0.9)) for s in range(3)]  # overall -5
+
+def test_claims_table_margins(tmp_path):
+    """cnp.claims applies the fixed tests: claim 3 (and claim 6 per style group) needs a mean c0w1
+    gain >= 0.05 whose 95 % CI lies above 0, and overall no more than 1 point lower; a mere
+    direction (+0.02), a large but noisy mean (CI across 0) and an overall loss do not count."""
+    from cnp.claims import claims_table
+
+    def group(label, c_cnp, c_van, **kw):
+        return [_claim_run(tmp_path, label, s, a, b, **kw) for s, (a, b) in enumerate(zip(c_cnp, c_van))]
+
+    van = [0.6, 0.7, 0.65, 0.6, 0.7]
+    runs = group("carton-dugong", [0.8, 0.75, 0.85, 0.7, 0.8], van)                   # +0.13, all ahead
+    runs += group("carton-dugong/wm_text-x", [0.62, 0.72, 0.66, 0.63, 0.71], van)      # +0.02
+    runs += group("carton-dugong/wm_opacity-0.35", [1.0, 0.5, 0.95, 0.5, 0.6], van)    # +0.06, CI across 0
+    runs += group("carton-dugong/ablation_mode-mean", [0.8, 0.75, 0.85, 0.7, 0.8], van, ov=(0.85, 0.9))
     rows = {(r["claim"], r["what"].split(":")[0]): r for r in claims_table(runs)}
     assert rows[(1, "unpruned c0w0 - c0w1 (accuracy points)")]["holds"] == "yes"
-    assert rows[(2, "best subspace AP (watermark); and it has the largest watermark share")]["holds"] == "yes"
-    assert rows[(3, "c0w1 at the target rate")]["holds"] == "yes"
-    assert rows[(4, "share of relevance on watermark pixels at the target rate")]["holds"] == "yes"
+    assert rows[(1, "unpruned c0w0 - c0w1 (accuracy points)")]["measured"].startswith("0.380 [95 % CI")
+    assert rows[(2, "best subspace's watermark AP (validation positives)")]["holds"] == "yes"
+    r3 = rows[(3, "c0w1 at the target rate")]
+    assert r3["holds"] == "yes" and r3["seeds_holding"] == "5/5 seeds CNP > vanilla"
+    assert "diff +0.130 [95 % CI +0.047, +0.213], p = 0.0062, 5/5 seeds" in r3["measured"]
+    assert rows[(4, "c0w1 share of relevance on watermark pixels in excess of the no-shortcut control's at the "
+                    "target rate")]["holds"] == "n/a"                      # no per-subgroup shares here
     assert rows[(6, "carton-dugong/wm_text-x")]["holds"] == "no"
+    noisy = rows[(6, "carton-dugong/wm_opacity-0.35")]
+    assert noisy["holds"] == "no" and "diff +0.060 [95 % CI -0." in noisy["measured"]
     assert rows[(6, "carton-dugong/ablation_mode-mean")]["holds"] == "no"
+    assert rows[(6, "carton-dugong/wm_text-x")]["measured"].startswith("unpruned gap 0.380")
 
 
 def test_claims_table_no_shortcut_control(tmp_path):
@@ -270,22 +289,11 @@ def test_claims_table_no_shortcut_control(tmp_path):
     style: taken out of the claims, reported in their own row (holds n/a) and as the reference
     in claims 3 and 4 - whether they lie in the sweep under any label or are passed separately."""
     from cnp.claims import claims_table, is_control
-    from cnp.figures import RunRecord
 
-    def run(label, seed, c_cnp, c_van, share_cnp, share_van, rates=(0.9, 0.05)):
-        def curve(c0w1, share):
-            acc = {"overall": 0.9, "c0w0": 0.9, "c0w1": c0w1, "c1w0": 0.9, "c1w1": 0.9}
-            return [{"pruned": 0.8, "stage": "final", "acc": acc, "wm_relevance_share": share}]
-        m = {"params": {"wm_rate_pos": rates[0], "wm_rate_neg": rates[1]},
-             "unpruned": {"acc": {"overall": 0.9, "c0w0": 1.0, "c0w1": 0.6, "c1w0": 1.0, "c1w1": 1.0},
-                          "wm_area_fraction": 0.08},
-             "drsa": {"ap_watermark": [0.5, 0.9], "wm_relevance_share": [0.1, 0.3]},
-             "curves": {"cnp": curve(c_cnp, share_cnp), "vanilla": curve(c_van, share_van)}}
-        return RunRecord(label=label, pair="carton-dugong", seed=seed, run_dir=tmp_path, metrics=m)
-
-    main = [run("carton-dugong", s, 0.8, 0.6, 0.14, 0.16) for s in range(3)]
-    ctl = [run("carton-dugong/wm_rate_pos-0.475_wm_rate_neg-0.475", s, 0.90, 0.94, 0.09, 0.085,
-               rates=(0.475, 0.475)) for s in range(3)]
+    main = [_claim_run(tmp_path, "carton-dugong", s, 0.8 + 0.01 * s, 0.6, sub=(0.04, 0.10), share=(0.14, 0.16))
+            for s in range(3)]
+    ctl = [_claim_run(tmp_path, "carton-dugong/wm_rate_pos-0.475_wm_rate_neg-0.475", s, 0.90, 0.94,
+                      sub=(0.02, 0.01), share=(0.09, 0.085), rates=(0.475, 0.475)) for s in range(3)]
     assert [is_control(r) for r in main[:1] + ctl[:1]] == [False, True]
     for table in (claims_table(main + ctl), claims_table(main, control=ctl)):
         rows = {r["claim"]: r for r in table}
@@ -293,11 +301,50 @@ def test_claims_table_no_shortcut_control(tmp_path):
         assert rows["control"]["holds"] == "n/a" and rows["control"]["seeds_holding"] == "3 seeds"
         assert "c0w1 0.940 ± 0.000 / 0.900 ± 0.000" in rows["control"]["measured"]
         assert "share 0.085 ± 0.000 / 0.090 ± 0.000" in rows["control"]["measured"]
-        assert "no-shortcut control 0.940 (not judged)" in rows[3]["measured"]
-        assert "a no-shortcut control ends at 0.085, halving vanilla means 0.080" in rows[4]["measured"]
-        assert rows[3]["holds"] == "yes" and rows[4]["holds"] == "no"   # judged on the main runs only
+        assert "c0w1 share 0.010 ± 0.000 / 0.020 ± 0.000" in rows["control"]["measured"]
+        assert "no-shortcut control c0w1 0.940 (not judged)" in rows[3]["measured"]
+        assert "control 0.010; excess 0.030 vs 0.090 (ratio 0.33)" in rows[4]["measured"]
+        assert rows[3]["holds"] == "yes" and rows[4]["holds"] == "yes"   # judged on the main runs only
     rows = {r["claim"]: r for r in claims_table(main)}
-    assert "control" not in rows and "control" not in rows[4]["measured"]
+    assert "control" not in rows and rows[4]["holds"] == "n/a" and "undefined" in rows[4]["measured"]
+
+
+def test_claim_heatmap_excess_over_the_control_on_c0w1(tmp_path):
+    """Claim 4 as restated: on c0w1, (CNP - control) <= 0.5 (vanilla - control) on the means; the
+    per-seed statistic cnp - 0.5 vanilla - 0.5 control is tested against 0 (CI, p); the shares
+    over all watermarked images and on c1w1 are reported, not judged."""
+    from cnp.claims import claim_heatmap
+
+    ctl = [_claim_run(tmp_path, "carton-dugong/c", s, 0.9, 0.9, sub=(0.02, 0.02), rates=(0.5, 0.5))
+           for s in range(2)]
+    good = [_claim_run(tmp_path, "carton-dugong", s, 0.8, 0.7, sub=(c, v)) for s, (c, v) in
+            enumerate([(0.04, 0.10), (0.05, 0.12), (0.03, 0.08), (0.05, 0.11)])]
+    row = claim_heatmap(good, control=ctl)
+    assert row["holds"] is True and row["seeds_holding"] == "4/4 seeds below half"
+    # excess 0.0225 vs 0.0825 (printed 0.082) (ratio 0.27); statistic per seed: 0.04 - 0.05 - 0.01 = -0.02, ...
+    assert "excess 0.022 vs 0.082 (ratio 0.27)" in row["measured"]
+    assert "cnp - 0.5 vanilla - 0.5 control: -0.019 [95 % CI" in row["measured"]
+    assert "all watermarked images: 0.100 vs 0.100, control 0.100" in row["measured"]
+    bad = [_claim_run(tmp_path, "carton-dugong", s, 0.8, 0.7, sub=(c, v)) for s, (c, v) in
+           enumerate([(0.08, 0.10), (0.09, 0.12), (0.07, 0.08)])]
+    row = claim_heatmap(bad, control=ctl)
+    assert row["holds"] is False and "ratio 0.75" in row["measured"]
+    # runs without per-subgroup shares (older metrics.json) cannot be judged
+    old = [_claim_run(tmp_path, "carton-dugong", s, 0.8, 0.7) for s in range(2)]
+    assert claim_heatmap(old, control=ctl)["holds"] is None
+
+
+def test_claim_hard_pair_reports_whether_vanilla_is_usable(tmp_path):
+    """Claim 5: "no OOD gain" holds unless claim 3's c0w1 test passes; vanilla's overall accuracy
+    at the target rate is named against the 0.65 floor."""
+    from cnp.claims import claim_hard
+
+    same = [_claim_run(tmp_path, "crate-packet", s, 0.5 + 0.05 * (s % 2), 0.52, ov=(0.7, 0.7)) for s in range(4)]
+    row = claim_hard(same)
+    assert row["holds"] is True and "vanilla overall 0.700, >= 0.65" in row["what"]
+    gain = [_claim_run(tmp_path, "crate-packet", s, 0.8 + 0.01 * s, 0.5, ov=(0.6, 0.6)) for s in range(4)]
+    row = claim_hard(gain)
+    assert row["holds"] is False and "vanilla overall 0.600, below 0.65" in row["what"]
 
 
 def test_selection_table_reads_validation_only(tmp_path, capsys):
@@ -319,7 +366,9 @@ def test_selection_table_reads_validation_only(tmp_path, capsys):
          run(3, 0.0, 1.0, pair="crate-packet"), run(4, 0.0, 1.0, rates=(0.5, 0.5))]
     rows = selection_table({"A": a, "B": []})
     assert rows[0] == {"variant": "A", "seeds": 3, "val c0w1, CNP - vanilla": "+0.067 ± 0.153",
-                       "CNP ahead": "2/3", "val overall, CNP - vanilla": "+0.007"}
+                       "95 % CI, p": "[-0.313, +0.446], p = 0.26",
+                       "CNP ahead": "2/3", "val overall, CNP - vanilla": "+0.007",
+                       "val c0w1 CNP / vanilla": "0.667 / 0.600"}
     assert rows[1]["seeds"] == 0 and rows[1]["val c0w1, CNP - vanilla"] == "n/a"
     # the CLI on a sweep directory written by the tests' fake runs (no val_acc: not counted)
     write_run(tmp_path / "sw" / "carton-dugong" / "seed0", make_metrics("carton-dugong", 0), heatmaps=False)
@@ -328,30 +377,6 @@ def test_selection_table_reads_validation_only(tmp_path, capsys):
     assert out.startswith("| variant |") and "| K=8 | 0 | n/a |" in out
     assert main(["--select", "nodir"]) == 2 and "NAME=DIR" in capsys.readouterr().err
     assert main([str(tmp_path / "sw")]) == 0 and "| claim |" in capsys.readouterr().out
-
-
-def test_claim_heatmap_reports_excess_over_area(tmp_path):
-    """Claim 4 keeps the issue's target (ratio <= 0.5) and adds the area-corrected ratio
-    (CNP - area) / (vanilla - area) from ``unpruned.wm_area_fraction``, without judging it."""
-    from cnp.claims import claim_heatmap
-    from cnp.figures import RunRecord
-
-    def run(seed, share_cnp, share_van, area):
-        def curve(share):
-            acc = {"overall": 0.9, "c0w0": 0.9, "c0w1": 0.8, "c1w0": 0.9, "c1w1": 0.9}
-            return [{"pruned": 0.8, "stage": "final", "acc": acc, "wm_relevance_share": share}]
-        m = {"unpruned": {"acc": {}, "wm_area_fraction": area},
-             "curves": {"cnp": curve(share_cnp), "vanilla": curve(share_van)}}
-        return RunRecord(label="carton-dugong", pair="carton-dugong", seed=seed, run_dir=tmp_path, metrics=m)
-
-    row = claim_heatmap([run(s, 0.10, 0.16, 0.08) for s in range(2)])
-    assert row["holds"] is False                      # 0.10 / 0.16 = 0.62 > 0.5
-    assert "ratio 0.62" in row["measured"]
-    assert "excess over area 0.020 vs 0.080 (ratio 0.25, not judged)" in row["measured"]
-    # runs without the area field (older metrics.json): the plain ratio only
-    old = [run(s, 0.05, 0.16, float("nan")) for s in range(2)]
-    row = claim_heatmap(old)
-    assert row["holds"] is True and "excess" not in row["measured"]
 
 
 def test_wm_area_fraction_counts_mask_pixels(tiny_pair):
@@ -364,35 +389,3 @@ def test_wm_area_fraction_counts_mask_pixels(tiny_pair):
     assert math.isnan(wm_area_fraction(split, 0))
 
 
-def test_claim_heatmap_reports_each_watermarked_subgroup(tmp_path):
-    """Claim 4's row appends the share on c0w1 and on c1w1 alone (CNP vs vanilla, ratio, seeds
-    where CNP is lower, the control's vanilla share), not judged: the verdict stays the issue's
-    all-images ratio; runs without the per-subgroup field add nothing."""
-    from cnp.claims import claim_heatmap
-    from cnp.figures import RunRecord
-
-    def run(seed, share, sub, rates=(0.9, 0.05)):
-        def entry(method):
-            acc = {"overall": 0.9, "c0w0": 0.9, "c0w1": 0.8, "c1w0": 0.9, "c1w1": 0.9}
-            e = {"pruned": 0.8, "stage": "final", "acc": acc, "wm_relevance_share": share[method]}
-            if sub is not None:
-                e["wm_relevance_share_by_subgroup"] = sub[method]
-            return [e]
-        m = {"params": {"wm_rate_pos": rates[0], "wm_rate_neg": rates[1]},
-             "unpruned": {"acc": {"overall": 0.9, "c0w0": 1.0, "c0w1": 0.6, "c1w0": 1.0, "c1w1": 1.0}},
-             "curves": {"cnp": entry("cnp"), "vanilla": entry("vanilla")}}
-        return RunRecord(label="carton-dugong", pair="carton-dugong", seed=seed, run_dir=tmp_path, metrics=m)
-
-    share = {"cnp": 0.15, "vanilla": 0.16}
-    main = [run(0, share, {"cnp": {"c0w1": 0.04, "c1w1": 0.22}, "vanilla": {"c0w1": 0.10, "c1w1": 0.22}}),
-            run(1, share, {"cnp": {"c0w1": 0.06, "c1w1": 0.24}, "vanilla": {"c0w1": 0.10, "c1w1": 0.22}})]
-    ctl = [run(0, share, {"cnp": {"c0w1": 0.02, "c1w1": 0.15}, "vanilla": {"c0w1": 0.01, "c1w1": 0.16}},
-               rates=(0.475, 0.475))]
-    row = claim_heatmap(main, control=ctl)
-    assert "on c0w1 alone 0.050 ± 0.014 vs 0.100 ± 0.000 (ratio 0.50, lower for CNP on 2/2; control 0.010, " \
-           "not judged)" in row["measured"]
-    assert "on c1w1 alone 0.230 ± 0.014 vs 0.220 ± 0.000 (ratio 1.05, lower for CNP on 0/2; control 0.160, " \
-           "not judged)" in row["measured"]
-    assert row["holds"] is False                       # judged on all watermarked images (0.15 / 0.16)
-    old = [run(s, share, None) for s in range(2)]
-    assert "alone" not in claim_heatmap(old, control=ctl)["measured"]

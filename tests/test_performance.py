@@ -21,7 +21,7 @@ from cnp.pruning.ranking import lrp_filter_scores, normalise_per_layer, select_f
 from cnp.runtime import stage_breakdown
 
 
-def _select_sequential(scores, n_remove, protected, min_keep=1, normalise=True, normalisation="mean"):
+def _select_sequential(scores, n_remove, protected, min_keep=1, normalise=True, normalisation="sum"):
     """The selection as a plain walk over the global order (the definition)."""
     vals = normalise_per_layer(scores, normalisation) if normalise else scores
     cand = [(float(v[f]), li, f) for li, v in enumerate(vals) if li not in protected for f in range(v.numel())]

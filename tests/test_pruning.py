@@ -152,15 +152,36 @@ def test_protected_indices(tiny_vgg):
         protected_indices(tiny_vgg, ("relu4_3",))
 
 
-def test_normalise_per_layer():
-    v = [torch.tensor([1.0, 3.0]), torch.zeros(3), torch.tensor([-1.0, 2.0, 1.0])]
+def test_normalise_per_layer_sum_is_the_papers_rule():
+    """``sum`` (the default): v / sum(v) per layer, signed scores kept signed, as in Yeom et al.'s
+    ``normalize_ranks_per_layer`` and the paper's code; a zero-sum layer is left as it is."""
+    v = [torch.tensor([1.0, 3.0]), torch.zeros(3), torch.tensor([-1.0, 2.0, 1.0]), torch.tensor([-1.0, -3.0])]
     out = normalise_per_layer(v)
+    assert out[0].tolist() == [0.25, 0.75]
+    assert out[1].tolist() == [0.0, 0.0, 0.0]
+    assert out[2].tolist() == [-0.5, 1.0, 0.5]              # the negative filter ranks lowest
+    assert out[3].tolist() == [0.25, 0.75]                   # a negative total flips the signs, as v / sum(v)
+    assert all(float(o.sum()) == pytest.approx(1.0) for o in (out[0], out[2], out[3]))
+    # a layer's scale does not matter
+    scaled = normalise_per_layer([7.0 * v[0], v[1], 0.01 * v[2], 3.0 * v[3]])
+    assert all(torch.allclose(a, b) for a, b in zip(out, scaled))
+    # global ranking after v / sum(v): with equal layer totals the wide layer's filters are smaller
+    narrow, wide = torch.full((4,), 1.0), torch.full((16,), 0.25)
+    chosen = select_filters([narrow, wide], 4, protected=set())
+    assert {k: v.tolist() for k, v in chosen.items()} == {1: [0, 1, 2, 3]}
+    with pytest.raises(CNPError, match="normalisation must be one of"):
+        normalise_per_layer(v, "median")
+
+
+def test_normalise_per_layer_mean_variant():
+    v = [torch.tensor([1.0, 3.0]), torch.zeros(3), torch.tensor([-1.0, 2.0, 1.0])]
+    out = normalise_per_layer(v, "mean")
     assert float(out[0][1] / out[0][0]) == pytest.approx(3.0)   # proportional within a layer
     assert out[1].tolist() == [0.0, 0.0, 0.0]                     # an all-zero layer stays zero
     assert (out[2] > 0).all()                                     # signed scores: by |v|
     assert float(out[2][1] / out[2][0]) == pytest.approx(2.0)
     # a layer's scale does not matter
-    scaled = normalise_per_layer([7.0 * v[0], v[1], 0.01 * v[2]])
+    scaled = normalise_per_layer([7.0 * v[0], v[1], 0.01 * v[2]], "mean")
     assert all(torch.allclose(a, b) for a, b in zip(out, scaled))
 
 
@@ -180,9 +201,9 @@ def test_normalisation_protects_a_wide_layer_with_the_same_total():
     wide = torch.linspace(0.15, 0.35, 16) * (4.0 / torch.linspace(0.15, 0.35, 16).sum())  # 16, total 4
     assert float(narrow.sum()) == pytest.approx(float(wide.sum()))
     raw = select_filters([narrow, wide], 4, protected=set(), normalise=False)
-    norm = select_filters([narrow, wide], 4, protected=set(), normalise=True)
+    norm = select_filters([narrow, wide], 4, protected=set(), normalisation="mean")
     assert {k: v.tolist() for k, v in raw.items()} == {1: [0, 1, 2, 3]}  # raw: only the wide layer
-    # per-layer normalisation should make the two layers comparable: the narrow layer's clearly
+    # the mean variant should make the two layers comparable: the narrow layer's clearly
     # weakest filter (half its layer's mean) goes before the wide layer's near-average ones
     assert 0 in norm and norm[0].tolist() == [0]
 
@@ -401,6 +422,24 @@ def _curves_equal(c1, c2):
     return [norm(e) for e in c1] == [norm(e) for e in c2]
 
 
+def test_rate_of_prunable_and_unreachable_targets(tiny_vgg, tiny_pair):
+    """``rate_of='prunable'`` counts the rate over the unprotected convs only; a target that
+    cannot be reached over all filters stops before any work with a hint."""
+    with pytest.warns(UserWarning, match="catastrophic"):
+        cfg = PruneConfig(step=0.25, target=0.5, rate_of="prunable", epochs_per_step=0, final_epochs=0,
+                          wm_share_images=0)
+    res = run_pruning(tiny_vgg, tiny_pair, "l1", cfg, seed=0, verbose=False)
+    assert [e["filters"] for e in res.curve] == [sum(TINY_WIDTHS) - r for r in (0, 32, 64, 64)]
+    assert [e["pruned"] for e in res.curve] == [e["pruned_of_prunable"] for e in res.curve] == [0.0, 0.25, 0.5, 0.5]
+    assert res.curve[-1]["pruned_of_all"] == pytest.approx(64 / 144)
+    with pytest.warns(UserWarning, match="catastrophic"):
+        too_far = PruneConfig(step=0.5, target=0.95, epochs_per_step=0, final_epochs=0)
+    with pytest.raises(CNPError, match="cannot be reached.*rate_of='prunable'"):
+        run_pruning(tiny_vgg, tiny_pair, "l1", too_far, seed=0, verbose=False)
+    with pytest.raises(CNPError, match="rate_of must be one of"):
+        PruneConfig(rate_of="some")
+
+
 @pytest.mark.parametrize("method", ["cnp", "vanilla", "l1", "random"])
 def test_run_pruning_curves(tiny_vgg, tiny_pair, random_U, method):
     original = copy.deepcopy(tiny_vgg.state_dict())
@@ -410,8 +449,12 @@ def test_run_pruning_curves(tiny_vgg, tiny_pair, random_U, method):
     curve = res.curve
     assert [e["step"] for e in curve] == [0, 1, 2, 3]
     assert [e["stage"] for e in curve] == ["step", "step", "step", "final"]
+    # rate_of='all' (the paper): 25 % steps of all 144 filters (conv4_3's 16 included, never pruned)
     assert [e["pruned"] for e in curve] == [0.0, 0.25, 0.5, 0.5]
-    assert [e["filters"] for e in curve] == [sum(TINY_WIDTHS) - r for r in (0, 32, 64, 64)]
+    assert [e["filters"] for e in curve] == [sum(TINY_WIDTHS) - r for r in (0, 36, 72, 72)]
+    assert [e["pruned_of_all"] for e in curve] == [0.0, 0.25, 0.5, 0.5]
+    assert [e["pruned_of_prunable"] for e in curve] == [0.0, 36 / 128, 72 / 128, 72 / 128]
+    assert [w for i, w in enumerate(res.model.conv_widths) if i == 9] == [16]   # conv4_3 untouched
     for key in ("acc", "val_acc", "wm_relevance_share", "wm_relevance_share_by_subgroup", "params", "macs",
                 "filters"):
         assert all(key in e for e in curve), key
@@ -428,7 +471,7 @@ def test_run_pruning_curves(tiny_vgg, tiny_pair, random_U, method):
     assert [("acc_virtual_layer" in e) for e in curve] == [method == "cnp"] * 3 + [False]
     model = res.model
     assert get_virtual_layer(model) is None
-    assert model.conv_widths[9] == 16 and sum(model.conv_widths) == sum(TINY_WIDTHS) - 64
+    assert model.conv_widths[9] == 16 and sum(model.conv_widths) == sum(TINY_WIDTHS) - 72
     assert min(model.conv_widths) >= 1
     assert count_params(model) == params[-1]
     assert set(res.timings) >= {"rank", "remove", "fine-tune", "evaluate"}

@@ -108,6 +108,8 @@ class CorpusConfig:
 
     def recipe(self) -> dict:
         d = asdict(self)
+        if not d["wm_styles"]["random_text_rate"]:
+            d["wm_styles"].pop("random_text_rate")  # the corpus of fixed texts keeps its recipe
         d["version"] = DATA_VERSION
         return d
 

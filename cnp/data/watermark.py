@@ -209,14 +209,41 @@ def apply_watermark(
     return out, masks
 
 
+def random_text(generator: torch.Generator) -> str:
+    """A random word-like watermark text: 3-9 letters (lower, upper or capitalised), sometimes
+    with digits, a second word or a ``(c)`` prefix."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+
+    def randint(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=generator))
+
+    def word(n: int) -> str:
+        return "".join(letters[randint(0, 25)] for _ in range(n))
+
+    text = word(randint(3, 7))
+    extra = randint(0, 9)
+    if extra == 0:
+        text += " " + word(randint(2, 5))
+    elif extra == 1:
+        text += str(randint(1, 999))
+    case = randint(0, 2)
+    text = text.upper() if case == 0 else (text.capitalize() if case == 1 else text)
+    if randint(0, 4) == 0:
+        text = "(c) " + text
+    return text
+
+
 @dataclass(frozen=True)
 class StyleDistribution:
     """A distribution over watermark styles (used by the pretraining corpus).
 
-    Each image draws its own text from ``texts``, size, opacity, colour and placement.
+    Each image draws its own text from ``texts``, size, opacity, colour and placement. With
+    ``random_text_rate`` > 0 that share of the draws takes a random word-like text instead
+    (:func:`random_text`); at 0 (the default) the recipe of a corpus is what it always was.
     """
 
     texts: tuple[str, ...] = ("stock", "photo", "(c) img", "pix", "PREVIEW", "foto", "getty", "shot")
+    random_text_rate: float = 0.0
     sizes: tuple[float, float] = (0.14, 0.3)
     opacities: tuple[float, float] = (0.35, 0.75)
     colors: tuple[str, ...] = ("white", "white", "white", "gray", "black")
@@ -228,8 +255,12 @@ class StyleDistribution:
             return seq[int(torch.randint(0, len(seq), (1,), generator=generator))]
 
         u = torch.rand(2, generator=generator).tolist()
+        if self.random_text_rate > 0 and float(torch.rand(1, generator=generator)) < self.random_text_rate:
+            text = random_text(generator)
+        else:
+            text = pick(self.texts)
         return WatermarkStyle(
-            wm_text=pick(self.texts),
+            wm_text=text,
             wm_size=round(self.sizes[0] + u[0] * (self.sizes[1] - self.sizes[0]), 3),
             wm_opacity=round(self.opacities[0] + u[1] * (self.opacities[1] - self.opacities[0]), 3),
             wm_color=pick(self.colors),

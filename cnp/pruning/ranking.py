@@ -3,11 +3,13 @@
 LRP criterion (Yeom et al.; the paper's stage 3)
 -------------------------------------------------
 The relevance of filter ``f`` of a conv is the LRP relevance at that conv's output channel,
-aggregated as (``aggregation='abs'``, the default, Yeom's convention)
+aggregated over the ranking images and spatial positions as
 
-    score_f = sum over ranking images and spatial positions of |R_f|
+* ``aggregation='signed'`` (default): ``score_f = sum R_f``, the plain sum - what the paper's
+  code does for LRP-alpha1beta0;
+* ``'abs'``: ``sum |R_f|``, Yeom et al.'s code;
+* ``'abs_of_sum'``: the sum over images of ``|sum over positions of R_f|`` (PxP).
 
-(``'abs_of_sum'``: sum over images of |sum over positions of R_f| (PxP); ``'signed'``: plain sum).
 The explained logit is the positive class (index 1) and the ranking images are the positive
 images of the ranking set (``ranking_data='pos'``, the paper) or all of it (``'pos+neg'``).
 When the model carries an enabled virtual concept layer, relevance flows through it, so CNP ranks
@@ -15,11 +17,20 @@ with the ablated subspaces removed; vanilla LRP pruning ranks the same way witho
 
 Selection
 ---------
-Scores are normalised per layer by their mean (relevance is conserved per layer, so every
-layer's scores sum to the same total and raw scores shrink as 1 / width; a raw - or merely
-sum-normalised - global ranking would over-prune wide layers), then ranked globally; the lowest-scoring filters of the prunable (non-protected) convs are removed, never
-leaving a layer without filters. Baselines behind the same interface: ``l1`` (L1 norm of the
-filter weights, normalised the same way) and ``random``.
+Scores are normalised per layer (``normalisation``), then ranked globally and the lowest-scoring
+filters of the prunable (non-protected) convs are removed, never leaving a layer without filters:
+
+* ``'sum'`` (default): ``v / sum(v)``, what both Yeom et al.'s ``normalize_ranks_per_layer`` and
+  the paper's code do. With exact conservation every layer's relevance sums to about the same
+  total, so this is close to the raw scores and a filter's score shrinks as 1 / layer width:
+  wide layers are pruned more.
+* ``'mean'``: ``v / mean(v)`` = ``v * width / sum(v)``, each filter relative to its layer's
+  average; it removes the width effect. A variant, neither Yeom's rule nor the paper's.
+* ``'none'``: the raw scores.
+
+The rule of the paper's code is ``aggregation='signed', normalisation='sum'``; Yeom et al.'s is
+``aggregation='abs', normalisation='sum'``. Baselines behind the same interface: ``l1`` (L1
+norm of the filter weights, normalised the same way) and ``random``.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ AGGREGATIONS = ("abs", "abs_of_sum", "signed")
 
 
 def lrp_filter_scores(model: VGG, split: Split, *, target: int = 1, ranking_data: str = "pos",
-                      aggregation: str = "abs", lrp_config: LRPConfig | None = None, batch_size: int = 64,
+                      aggregation: str = "signed", lrp_config: LRPConfig | None = None, batch_size: int = 64,
                       device: torch.device | str = "cpu", verbose: bool = False) -> list[torch.Tensor]:
     """LRP relevance of every filter of the 13 convs, aggregated over ``split`` (see module doc)."""
     if ranking_data not in ("pos", "pos+neg"):
@@ -82,31 +93,39 @@ def random_filter_scores(model: VGG, generator: torch.Generator) -> list[torch.T
     return [torch.rand(c.out_channels, generator=generator, dtype=torch.float64) for c in model.convs]
 
 
-NORMALISATIONS = ("mean", "sum", "none")
+NORMALISATIONS = ("sum", "mean", "none")
 
 
-def normalise_per_layer(scores: list[torch.Tensor], how: str = "mean") -> list[torch.Tensor]:
+def normalise_per_layer(scores: list[torch.Tensor], how: str = "sum") -> list[torch.Tensor]:
     """Per-layer normalisation of filter scores before the global ranking.
 
-    ``mean`` (default): ``v / mean(v)`` = ``v * width / sum(v)``, each filter relative to its
-    layer's average. LRP relevance is conserved, so every layer's scores sum to (about) the same
-    total and a single filter's score shrinks as 1 / width: dividing by the layer *sum* alone
-    (``sum``) is then a uniform rescaling that changes nothing, and the global ranking would
-    over-prune wide layers; the width factor removes that bias. ``none``: raw scores.
-    Signed scores are ranked by magnitude; an all-zero layer stays zero.
+    Parameters
+    ----------
+    scores : list of 1-D tensors
+        One score per filter, per conv.
+    how : str
+        ``sum``: ``v / sum(v)`` (Yeom et al. and the paper's code), signed scores kept signed as
+        there; ``mean``: ``v / mean(v)``, signed scores ranked by magnitude; ``none``: raw scores.
+        A layer whose scores sum to zero (or, for ``mean``, not above zero) is left as it is.
+
+    Returns
+    -------
+    list of tensors, the normalised scores (new tensors).
     """
     if how not in NORMALISATIONS:
         raise CNPError(f"normalisation must be one of {NORMALISATIONS}, got {how!r}")
     out = []
     for v in scores:
+        if how == "none":
+            out.append(v.clone())
+            continue
+        if how == "sum":
+            s = v.sum()
+            out.append(v / s if s != 0 else v.clone())
+            continue
         v = v.abs() if (v < 0).any() else v
         s = v.sum()
-        if how == "none" or s <= 0:
-            out.append(v.clone())
-        elif how == "sum":
-            out.append(v / s)
-        else:
-            out.append(v * (v.numel() / s))
+        out.append(v * (v.numel() / s) if s > 0 else v.clone())
     return out
 
 
@@ -117,7 +136,7 @@ def protected_indices(model: VGG, protect: tuple[str, ...] | list[str]) -> set[i
 
 def select_filters(scores: list[torch.Tensor], n_remove: int, protected: set[int],
                    min_keep: int = 1, normalise: bool = True,
-                   normalisation: str = "mean") -> dict[int, torch.Tensor]:
+                   normalisation: str = "sum") -> dict[int, torch.Tensor]:
     """The ``n_remove`` globally lowest-scoring filters of unprotected convs.
 
     Scores are normalised per layer first (``normalisation``, see :func:`normalise_per_layer`)

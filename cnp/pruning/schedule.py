@@ -4,8 +4,10 @@ For ``n = target / step`` steps:
 
 1. **rank** every filter (LRP relevance of the positive logit on the ranking set; for ``cnp``
    through the *enabled, ablated* virtual concept layer, for ``vanilla`` without it; ``l1`` and
-   ``random`` baselines) and **remove** ``step`` x (original prunable filters) of the lowest,
-   structurally; the DRSA layer (``conv4_3``) and the virtual layer are never pruned;
+   ``random`` baselines) and **remove** the lowest-scoring filters, structurally, so that
+   ``step`` x (the original number of filters of every conv, ``rate_of='all'``, the paper's "5 %
+   of total network filters"; or of the prunable convs only, ``rate_of='prunable'``) more are
+   gone after each step; the DRSA layer (``conv4_3``) and the virtual layer are never pruned;
 2. **fine-tune** all weights for ``epochs_per_step`` epochs on the training set with the virtual
    layer *bypassed* (the paper), or kept active (``finetune_with_virtual_layer``, beyond the
    paper), then re-enable it for the next ranking; optionally **recompute DRSA** warm-started
@@ -52,6 +54,8 @@ from cnp.virtual_layer import (
 )
 
 METHODS = ("cnp", "vanilla", "l1", "random")
+#: what the pruning rate is a fraction of (see PruneConfig.rate_of)
+RATE_BASES = ("all", "prunable")
 
 
 @dataclass(frozen=True)
@@ -61,9 +65,13 @@ class PruneConfig:
     Parameters
     ----------
     step : float
-        Fraction of the original prunable filters removed per step (5 %; 10 % in Table 1).
+        Fraction of the original filters removed per step (5 %; 10 % in Table 1).
     target : float
         Final pruning rate, in (0, 1) (80 %).
+    rate_of : str
+        What ``step`` and ``target`` are fractions of: ``all`` (default, the paper: every conv
+        filter of the network, the protected DRSA layer included, which is never pruned itself)
+        or ``prunable`` (the filters of the unprotected convs only).
     epochs_per_step : int
         Fine-tuning epochs after each step (2; Table 1 tried 0, 5, 10 - 0 collapses).
     final_epochs : int
@@ -76,14 +84,17 @@ class PruneConfig:
     ranking_data : str
         ``pos`` (positive images of the ranking set, the paper) or ``pos+neg``.
     aggregation : str
-        How LRP relevance is aggregated per filter (see :mod:`cnp.pruning.ranking`).
+        How LRP relevance is aggregated per filter: ``signed`` (default, the paper's code),
+        ``abs`` (Yeom et al.) or ``abs_of_sum`` (see :mod:`cnp.pruning.ranking`).
     normalisation : str
-        Per-layer normalisation before the global ranking: ``mean`` (default), ``sum`` or
-        ``none`` (see :func:`cnp.pruning.ranking.normalise_per_layer`).
+        Per-layer normalisation before the global ranking: ``sum`` (default, v / sum(v): Yeom
+        et al. and the paper's code), ``mean`` or ``none`` (see
+        :func:`cnp.pruning.ranking.normalise_per_layer`).
     protect : tuple of str
         Convs never pruned (the DRSA layer).
     freeze : tuple of str
-        Convs whose weights are not fine-tuned (none by default).
+        Convs whose weights are not fine-tuned (none by default; ``("conv4_3",)`` keeps the DRSA
+        layer's weights, so the subspaces stay those DRSA was fitted on).
     finetune_with_virtual_layer : bool
         Beyond the paper: fine-tune with the ablated virtual layer active.
     recompute_drsa : bool
@@ -104,6 +115,7 @@ class PruneConfig:
 
     step: float = 0.05
     target: float = 0.8
+    rate_of: str = "all"
     epochs_per_step: int = 2
     final_epochs: int = 2
     lr: float = 1e-3
@@ -113,8 +125,8 @@ class PruneConfig:
     optimizer: str = "sgd"
     grad_clip: float = 5.0
     ranking_data: str = "pos"
-    aggregation: str = "abs"
-    normalisation: str = "mean"
+    aggregation: str = "signed"
+    normalisation: str = "sum"
     protect: tuple[str, ...] = ("conv4_3",)
     freeze: tuple[str, ...] = ()
     finetune_with_virtual_layer: bool = False
@@ -147,6 +159,8 @@ class PruneConfig:
             raise CNPError(f"ranking_data must be 'pos' or 'pos+neg', got {self.ranking_data!r}")
         if self.aggregation not in AGGREGATIONS:
             raise CNPError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.rate_of not in RATE_BASES:
+            raise CNPError(f"rate_of must be one of {RATE_BASES}, got {self.rate_of!r}")
         if self.reidentify not in ("overlap", "ap"):
             raise CNPError(f"reidentify must be 'overlap' or 'ap', got {self.reidentify!r}")
         if self.epochs_per_step == 0:
@@ -309,6 +323,12 @@ def run_pruning(
     if method == "cnp":
         _check_site_protected(model, concept_state["layer"], protect)
     n_prunable = sum(w for i, w in enumerate(model.conv_widths) if i not in protect)
+    n_all = sum(model.conv_widths)
+    n_basis = n_all if cfg.rate_of == "all" else n_prunable
+    if int(round(cfg.target * n_basis)) > n_prunable - (len(model.conv_widths) - len(protect)):
+        raise CNPError(f"a target of {cfg.target:.0%} of {'all' if cfg.rate_of == 'all' else 'the prunable'} "
+                       f"{n_basis} filters cannot be reached: only {n_prunable} filters are prunable "
+                       f"(one is kept per layer); lower target or use rate_of='prunable'")
     key = recipe_hash({
         "method": method, "cfg": cfg.recipe(), "seed": seed,
         "model": tensor_hash(*[v for _, v in sorted(model.state_dict().items())]),
@@ -341,13 +361,13 @@ def run_pruning(
 
     if not curve:
         t0 = time.perf_counter()
-        curve.append({"step": 0, "pruned": 0.0, "stage": "step", **_evaluate(model, data, cfg, device, image_size)})
+        curve.append({"step": 0, "pruned": 0.0, "pruned_of_all": 0.0, "pruned_of_prunable": 0.0, "stage": "step", **_evaluate(model, data, cfg, device, image_size)})
         tick("evaluate", t0)
     removed_total = n_prunable - sum(w for i, w in enumerate(model.conv_widths) if i not in protect)
     steps = range(start_step, cfg.n_steps + 1)
     for s in progress(steps, desc=f"prune [{method}]", disable=not verbose, initial=start_step - 1,
                       total=cfg.n_steps):
-        goal = int(round(min(s * cfg.step, cfg.target) * n_prunable))
+        goal = int(round(min(s * cfg.step, cfg.target) * n_basis))
         n_remove = goal - removed_total
         t0 = time.perf_counter()
         if vl is not None:
@@ -376,7 +396,8 @@ def run_pruning(
             extra["drsa_recomputed"] = _recompute_concepts(model, vl, data, cfg, seed, s, device, verbose)
             tick("drsa-recompute", t0)
         t0 = time.perf_counter()
-        entry = {"step": s, "pruned": removed_total / n_prunable, "stage": "step",
+        entry = {"step": s, "pruned": removed_total / n_basis, "pruned_of_all": removed_total / n_all,
+                 "pruned_of_prunable": removed_total / n_prunable, "stage": "step",
                  **_evaluate(model, data, cfg, device, image_size), **extra}
         tick("evaluate", t0)
         curve.append(entry)
@@ -390,7 +411,9 @@ def run_pruning(
     _finetune(model, data, cfg, cfg.final_epochs, ("final", seed), device, use_vl=False, verbose=verbose)
     tick("fine-tune", t0)
     t0 = time.perf_counter()
-    curve.append({"step": cfg.n_steps + 1, "pruned": curve[-1]["pruned"], "stage": "final",
+    curve.append({"step": cfg.n_steps + 1, "pruned": curve[-1]["pruned"],
+                  "pruned_of_all": curve[-1].get("pruned_of_all"),
+                  "pruned_of_prunable": curve[-1].get("pruned_of_prunable"), "stage": "final",
                   **_evaluate(model, data, cfg, device, image_size)})
     tick("evaluate", t0)
     _save(ckpt, key, model, None, curve, timings, cfg.n_steps + 1, done=True)
@@ -450,4 +473,4 @@ def ablation_state(vl: VirtualLayer, **changes) -> dict:
     return st
 
 
-__all__ = ["METHODS", "PruneConfig", "PruneResult", "ablation_state", "run_pruning"]
+__all__ = ["METHODS", "RATE_BASES", "PruneConfig", "PruneResult", "ablation_state", "run_pruning"]
