@@ -42,6 +42,7 @@ from cnp.io import (
     sha256_file,
 )
 from cnp.models import FULL_WIDTHS, load_model, paper_name, save_model
+from cnp.params import BENCHMARK_DEFAULTS  # noqa: F401  (re-exported: the notebooks' defaults)
 from cnp.runtime import (
     StageTimer,
     configure_threads,
@@ -102,7 +103,7 @@ class Params:
     warmup_head: str = "classifier"
     # augment (DRSA)
     layer: str = "conv4_3"
-    K: int = 8
+    K: int = 4
     d_k: int = 0  # 0: D / K
     lrp_variant: str = "alpha1beta0"
     drsa_steps: int = 500

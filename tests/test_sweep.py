@@ -106,6 +106,21 @@ def test_cli_dry_run_and_usage_errors(tmp_path, capsys):
     jobs = sweep.plan(p["pairs"], p["seeds"], tmp_path, p["params"], p["grid"], p["grid_mode"])
     assert {j.overrides["wm_rate_pos"] for j in jobs} == {j.overrides["wm_rate_neg"] for j in jobs} == {0.475}
     assert all(j.overrides[k] == v for j in jobs for k, v in sweep.REPRODUCE_PARAMS.items())
+    # the evidence preset: its parts go to their own sub-directories, claims seeds as stated
+    assert sweep.main(["--preset", "evidence", "--out", str(tmp_path / "ev"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "50 run(s)" in out
+    ev = tmp_path / "ev"
+    for sub, label, seed in (("reproduce", "carton-dugong", 9), ("reproduce", "crate-packet", 4),
+                             ("reproduce", "carton-dugong/wm_rate_pos-0.475_wm_rate_neg-0.475", 4),
+                             ("full", "carton-dugong", 4), ("styles", "carton-dugong/wm_text-SAMPLE", 4)):
+        assert f"{ev / sub / label.split('/')[0]}" in out and f"seed{seed}" in out, (sub, label)
+    assert f"{ev / 'styles' / 'carton-dugong' / 'wm_text-SAMPLE'}" in out
+    assert f"{ev / 'reproduce' / 'carton-dugong' / 'seed9'}" in out and f"{ev / 'full' / 'carton-dugong' / 'seed4'}" in out
+    assert f"{ev / 'full' / 'carton-dugong' / 'seed5'}" not in out
+    # command-line values reach every part
+    assert sweep.main(["--preset", "evidence", "--out", str(ev), "--seeds", "0", "--dry-run"]) == 0
+    assert "9 run(s)" in capsys.readouterr().out     # easy, control, full, hard, 5 style variants
     assert sweep.main(["--pairs", "carton-dugong", "--seeds", "0", "-p", "stpe=1", "--dry-run"]) == 2
     assert "unknown parameter 'stpe'" in capsys.readouterr().err
     assert sweep.main(["--seeds", "0", "--dry-run"]) == 2
@@ -297,15 +312,18 @@ def test_submitit_local_executor(tmp_path, sweep_env):
 
 
 def test_notebook_parameter_defaults_match_params():
-    """The parameters cells repeat the defaults of cnp.pipeline.Params (or say None = default)."""
+    """The parameters cells repeat the defaults of cnp.pipeline.Params (or say None = default),
+    except the embedded benchmark's method settings, which they take from cnp.params."""
     import ast
     import dataclasses
     import json
     from pathlib import Path
 
+    from cnp.params import BENCHMARK_DEFAULTS
     from cnp.pipeline import Params
 
-    defaults = {f.name: f.default for f in dataclasses.fields(Params)}
+    defaults = {f.name: f.default for f in dataclasses.fields(Params)} | BENCHMARK_DEFAULTS
+    assert BENCHMARK_DEFAULTS["K"] != Params.K                  # the paper's K = 4 stays the Params default
     run_specific = {"run_dir", "threads", "smoke", "methods", "device"}
     nb_dir = Path(__file__).resolve().parents[1] / "notebooks"
     checked = 0
