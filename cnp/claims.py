@@ -112,10 +112,19 @@ def claim_latent(runs: Sequence[RunRecord]) -> dict:
             "holds": bool(n and m >= AP_FLOOR), "seeds_holding": f"{sum(a >= AP_FLOOR for a in best_ap)}/{n}"}
 
 
-def _paired(runs: Sequence[RunRecord], key, a: str = "cnp", b: str = "vanilla") -> tuple[list, list]:
+def _last_step(run: RunRecord, method: str) -> Mapping | None:
+    """The curve's last pruning step, before the final recovery fine-tune (None without one)."""
+    steps = [e for e in run.metrics.get("curves", {}).get(method) or [] if e.get("stage") == "step"]
+    return steps[-1] if steps and any(e.get("stage") == "final" for e in run.metrics["curves"][method]) else None
+
+
+def _paired(runs: Sequence[RunRecord], key, a: str = "cnp", b: str = "vanilla", entry=None) -> tuple[list, list]:
+    """Per seed ``key(entry)`` of methods ``a`` and ``b`` (runs holding both), by default at the
+    target rate after the final fine-tune."""
+    entry = entry or _final
     xa, xb = [], []
     for r in runs:
-        ea, eb = _final(r, a), _final(r, b)
+        ea, eb = entry(r, a), entry(r, b)
         if ea is not None and eb is not None:
             xa.append(key(ea))
             xb.append(key(eb))
@@ -145,6 +154,9 @@ def claim_ood(runs: Sequence[RunRecord], number: int = 3,
     c, o = t["c0w1"], t["overall"]
     measured = (f"c0w1 {_fmt(*t['c0w1_a'])} vs {_fmt(*t['c0w1_b'])}, diff {c.text()}; overall "
                 f"{_fmt(*t['overall_a'])} vs {_fmt(*t['overall_b'])}, diff {o.text()}" if c.n else "n/a")
+    before = paired(*_paired(runs, lambda e: e["acc"]["c0w1"], entry=_last_step))
+    if c.n and before.n:
+        measured += f"; before the final fine-tune c0w1 diff {before.text()} (not judged)"
     ref = _control_mean(control or [], "vanilla", lambda e: e["acc"]["c0w1"])
     if c.n and not math.isnan(ref):
         measured += f"; no-shortcut control c0w1 {ref:.3f} (not judged)"

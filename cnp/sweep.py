@@ -13,7 +13,7 @@ Usage
   notebooks are saved in the run directory ``DIR/<pair>/seed<k>/`` (with a grid:
   ``DIR/<pair>/<variant>/seed<k>/``, the variant naming the grid values). Then
   ``06_figures`` runs over everything in ``DIR`` and writes the figures (``--figures``,
-  default ``figures/``); its executed copy is ``DIR/06_figures.ipynb``.
+  default ``DIR/figures``); its executed copy is ``DIR/06_figures.ipynb``.
 * ``-p name=value`` sets any :class:`cnp.pipeline.Params` field for every run (values are
   parsed as JSON / Python literals, else kept as strings: ``-p step=0.1 -p smoke=1
   -p methods=cnp,vanilla,l1``). An unknown name or a bad value (wrong type, K * d_k != D, ...)
@@ -818,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", choices=sorted(PRESETS), help="a named sweep (see below)")
     ap.add_argument("--workers", type=int, default=1, help="runs at once (threads per run = cores // workers)")
     ap.add_argument("--out", default="runs", help="sweep directory (default: runs)")
-    ap.add_argument("--figures", default="figures", help="where 06 writes the figures (default: figures)")
+    ap.add_argument("--figures", default=None, help="where 06 writes the figures (default: OUT/figures)")
     ap.add_argument("--no-figures", action="store_true", help="do not run 06 at the end")
     ap.add_argument("--executor", choices=["local", "submitit"], default="local")
     ap.add_argument("--cluster", choices=["local", "slurm", "debug"], default=None,
@@ -916,6 +916,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         or max(1, available_cores() // workers)
     out = Path(args.out)
     notebooks = Path(args.notebooks)
+    args.figures = args.figures or str(out / "figures")
 
     if args.dry_run:
         rows = []

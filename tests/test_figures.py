@@ -389,3 +389,23 @@ def test_wm_area_fraction_counts_mask_pixels(tiny_pair):
     assert math.isnan(wm_area_fraction(split, 0))
 
 
+
+
+def test_claim_ood_reports_the_last_step_before_the_final_fine_tune(tmp_path):
+    """Claim 3's row also gives the paired c0w1 difference after the last pruning step, before
+    the final recovery fine-tune (not judged); runs without a final stage add nothing."""
+    from cnp.claims import claim_ood
+
+    runs = []
+    for s, (step_c, step_v) in enumerate([(0.9, 0.6), (0.8, 0.6), (0.85, 0.65)]):
+        r = _claim_run(tmp_path, "carton-dugong", s, 0.7, 0.7)
+        for method, c0w1 in (("cnp", step_c), ("vanilla", step_v)):
+            final = r.metrics["curves"][method][0]
+            step = {**final, "stage": "step", "acc": {**final["acc"], "c0w1": c0w1}}
+            r.metrics["curves"][method] = [step, final]
+        runs.append(r)
+    row = claim_ood(runs)
+    assert "before the final fine-tune c0w1 diff +0.233 [95 % CI" in row["measured"] and "3/3 seeds" in row["measured"]
+    assert row["holds"] is False                                     # judged after the final fine-tune: +0.000
+    plain = [_claim_run(tmp_path, "carton-dugong", s, 0.8, 0.6) for s in range(2)]
+    assert "before the final" not in claim_ood(plain)["measured"]
