@@ -14,7 +14,7 @@ Printed per method: seconds in rank / remove / fine-tune / evaluate (the schedul
 and setup (copying and hashing the inputs); then the projection for the whole paper
 (2 pairs x {CNP, vanilla} x 5 seeds = 10 x the sum over methods).
 
-Targets (issue 7), on one H100/H200: <= 90 s per method; whole paper <= 30 min.
+Targets, on one H100/H200: <= 90 s per method; whole paper <= 30 min.
 
 Presets
 -------

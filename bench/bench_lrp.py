@@ -21,7 +21,7 @@ interleaved (one call of each variant per round, median over rounds):
 The relative difference of cnp's input relevance to zennit's (AlphaBeta) is printed as a check
 that the variants compute the same thing.
 
-Target (issue 7): the per-filter collection adds <= 10 % over zennit's own attribution, i.e.
+Target: the per-filter collection adds <= 10 % over zennit's own attribution, i.e.
 time(cnp filters=True) <= 1.10 x time(zennit AlphaBeta); the collection's own cost is shown as
 time(cnp filters=True) / time(cnp filters=False).
 

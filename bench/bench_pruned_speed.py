@@ -13,7 +13,7 @@ keeping the same share of filters in every conv:
   other conv. This is what :func:`cnp.pruning.run_pruning` produces at 80 % (its global
   ranking may distribute the removals differently), so the target is judged on it.
 
-Target (issue 7): >= 8x lower latency on the CPU at batch 8, 224 px.
+Target: >= 8x lower latency on the CPU at batch 8, 224 px.
 
 Examples
 --------

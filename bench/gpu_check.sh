@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check for issue 7 (about 6 minutes, at most ~8, on one H100/H200).
+# One prepared GPU check of the performance targets (about 6 minutes, at most ~8, on one H100/H200).
 #
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repository root
 #   bash bench/gpu_check.sh --tiny     # the same steps at tiny sizes on the CPU (a test of this script)
@@ -91,5 +91,5 @@ fi
 
 echo "=== summary (total $(( $(date +%s) - START )) s)" | tee -a "$LOG"
 "$PY" bench/summarize.py "$RES" --md "$RES/summary.md" --json "$RES/summary.json" \
-  --title "GPU check of issue 7 ($STAMP$([[ $TINY == 1 ]] && echo ', --tiny on the CPU'))" 2>&1 | tee -a "$LOG"
+  --title "GPU check ($STAMP$([[ $TINY == 1 ]] && echo ', --tiny on the CPU'))" 2>&1 | tee -a "$LOG"
 echo "results in $RES"

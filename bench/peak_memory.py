@@ -1,6 +1,6 @@
 """Peak memory of a whole process tree (e.g. ``make reproduce``: the sweep plus its kernels).
 
-``/usr/bin/time -v`` reports the largest *single* process; issue 8 bounds the memory of the whole
+``/usr/bin/time -v`` reports the largest *single* process; the memory target bounds the whole
 reproduction, which runs several notebook kernels at once. This runs a command and samples, every
 ``--interval`` seconds, the sum over the command's process tree of
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU benchmarks of issue 7, and one table of their figures next to the targets.
+# The CPU benchmarks, and one table of their figures next to the targets.
 #
 #   bash bench/run_cpu.sh                 # about 10 minutes on 2 cores
 #   bash bench/run_cpu.sh --embedded      # + CNP and vanilla runs of the embedded default (reduced VGG-16, 48 px)
@@ -48,5 +48,5 @@ fi
 
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 "$PY" bench/summarize.py "$RES" --md "bench/results/cpu-$STAMP.md" --json "$RES/summary.json" \
-  --title "CPU benchmarks of issue 7 ($STAMP, $THREADS torch threads)" \
+  --title "CPU benchmarks ($STAMP, $THREADS torch threads)" \
   --notes "Load average (1, 5, 15 min) before: $LOAD_BEFORE; after: $LOAD_AFTER. Log: $LOG." 2>&1 | tee -a "$LOG"

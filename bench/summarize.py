@@ -1,4 +1,4 @@
-"""One table of every figure of issue 7 next to its target, from the benches' JSON files.
+"""One table of every performance figure next to its target, from the benches' JSON files.
 
 Reads ``drsa*.json``, ``lrp*.json``, ``full_run*.json`` and ``pruned_speed*.json`` in a folder
 (as written by the benches' ``--out``), prints a table and writes it as Markdown (with the
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("folder", type=Path)
     p.add_argument("--md", type=Path, default=None, help="write the Markdown table here")
     p.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
-    p.add_argument("--title", default="Benchmarks of issue 7")
+    p.add_argument("--title", default="Benchmarks")
     p.add_argument("--notes", default="", help="text appended to the Markdown (e.g. the load during the runs)")
     args = p.parse_args(argv)
     rows = rows_for(args.folder)

@@ -76,7 +76,7 @@ class RunRecord:
     pair, seed : str, int
     run_dir : Path
     metrics : dict
-        The run's ``metrics.json`` (results contract of issue 5).
+        The run's ``metrics.json`` (the results contract, docs/usage.md).
     """
 
     label: str
@@ -640,7 +640,7 @@ def make_all(runs: Sequence[RunRecord] | str | Path, out_dir: str | Path = "figu
     if claims:
         written["table_claims"] = save_table(
             claims, out_dir, "table_claims", columns=CLAIM_COLUMNS,
-            title="The paper's claims as measurable targets (cnp.claims; thresholds from the results issue), "
+            title="The paper's claims as measurable targets (cnp.claims: paired tests over seeds, fixed targets), "
                   "mean ± std over seeds at the target rate after the final fine-tune.")
     for name, paths in written.items():
         note(f"wrote {name}: {', '.join(p.name for p in paths)}")

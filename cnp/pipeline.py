@@ -789,8 +789,8 @@ def run_evaluate(run: Run, verbose: bool = True) -> dict:
 
 
 def _curve_entry(e: dict) -> dict:
-    keep = ("pruned", "acc", "wm_relevance_share", "wm_relevance_share_by_subgroup", "params", "macs", "stage",
-            "val_acc", "filters", "step")
+    keep = ("pruned", "pruned_of_all", "pruned_of_prunable", "acc", "wm_relevance_share",
+            "wm_relevance_share_by_subgroup", "params", "macs", "stage", "val_acc", "filters", "step")
     return {k: e[k] for k in keep if k in e}
 
 

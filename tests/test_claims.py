@@ -1,36 +1,29 @@
-"""The paper's claims on a reduced easy pair (carton-dugong), on the real embedded backbone.
+"""The paper's mechanism on a reduced easy pair (carton-dugong), on the real embedded backbone.
 
-This is the regression test of the results issue: a change that kills the effect fails CI.
+A regression test: a change that breaks the shortcut, DRSA's isolation of the watermark, the
+ablation or the ranking through the virtual layer fails CI. It runs the whole pipeline with the
+embedded benchmark's settings (K = 8, the rate over the prunable filters, the paper's ranking
+rule) at reduced sizes on seed 0 (the seed this test has always used, not picked to pass).
 
-What it asserts, and why these margins (measured, not tuned to pass; see README "Results"):
-
-The test runs twice: with the paper's K = 4 (the ``Params`` and notebook default) and with the
-embedded benchmark's K = 8 (the ``reproduce`` preset's, chosen on validation; README "Choice of
-defaults").
+What it asserts, and why these margins (measured, not tuned to pass; docs/results.md):
 
 * claim 1 (the warmed-up model has the watermark shortcut): c0w0 - c0w1 >= 0.20. Measured with
-  these settings on seeds 0-2: 0.287, 0.340, 0.340 (`make reproduce`, seeds 0-4: 0.21-0.35).
-* claim 2 (latent analysis finds it): the best subspace's watermark AP reaches a floor, and the
-  subspace chosen for ablation is that one. K = 8: the results issue's 0.85; measured on seeds
-  0-2: 1.000, 0.984, 0.986. K = 4: 0.75, below the paper's 0.85 on purpose: on seed 0 (the seed
-  this test has always used, not picked to pass) the watermark splits over two subspaces, AP
-  0.790 and 0.782; on seeds 1 and 2 one subspace holds it, AP 0.963 and 0.953. A random basis
-  gives 0.40-0.62 here, so the test still fails when DRSA stops finding the watermark.
-* claim 3's direction at the level the reduced setting supports: the ranking. Two CNP steps of
-  10 % without intermediate fine-tuning keep c0w1 accuracy at least 0.15 above two vanilla
-  LRP steps, at no cost in overall accuracy. Measured on seeds 0-2, c0w1 CNP vs vanilla:
-  K = 4: 0.667 / 0.400 / 0.813 vs 0.073 / 0.093 / 0.020 (overall 0.903 / 0.837 / 0.940 vs
-  0.708 / 0.757 / 0.738); K = 8: 0.547 / 0.093 / 0.193 vs 0.073 / 0.093 / 0.020 (overall
-  0.875 / 0.757 / 0.790 vs 0.708 / 0.757 / 0.738). NOTE: with K = 8 the immediate effect is
-  weaker and absent on seed 1 (CNP removed the same filters as vanilla there), although after the
-  full schedule K = 8 is the more consistent setting (README "Results"); the assertion is a
-  regression check on seed 0, where the effect is large for both K, not a claim about every seed.
-  With the paper's intermediate fine-tuning the difference between the methods is within the
-  seed-to-seed spread of a single seed on this benchmark, so the full schedule is not asserted
-  here (`cnp.claims` evaluates it over 5 seeds in `make reproduce`).
+  these settings: 0.287 (seed 0), 0.340 (seed 1).
+* claim 2 (latent analysis finds it): the best subspace's watermark AP >= 0.85 and the ablated
+  subspace is that one. Measured: 1.000 (seed 0), 0.985 (seed 1); a random basis gives 0.40-0.62.
+* stage 2 works on the unpruned network: with the ablated virtual layer active, c0w1 rises by at
+  least 0.10 while the watermark-free positives c1w0 lose at most 0.05. Measured on seed 0:
+  c0w1 0.700 -> 0.860, c1w0 0.960 -> 0.960.
+* stage 3 ranks through the ablated layer: CNP removes other filters than vanilla LRP pruning
+  (the pruned architectures differ; they would be identical if the virtual layer were bypassed
+  while ranking), and the curves record the rate on both bases.
 
-All numbers are for the backbone pretrained with 2 threads (`cnp.pretrain.PRETRAIN_THREADS`),
-which every machine now builds; an earlier backbone built with 1 thread differed visibly.
+What it does not assert: CNP's c0w1 advantage after pruning. With the paper's ranking rule
+(signed relevance, v / sum(v) per layer) one 10 % step without fine-tuning leaves both methods as
+constant classifiers on this backbone (c0w1 0.0, overall 0.5 on seeds 0 and 1: v / sum(v) prunes
+the wide last conv first), and with the paper's intermediate fine-tuning the difference between
+the methods is a question for many seeds: ``cnp.claims`` tests it over 10 seeds in the
+``evidence`` preset (docs/results.md).
 """
 
 from __future__ import annotations
@@ -42,7 +35,10 @@ import pytest
 import torch
 
 from cnp.figures import at_target
+from cnp.io import safe_torch_load
+from cnp.params import BENCHMARK_DEFAULTS
 from cnp.pipeline import make_params, open_run, run_evaluate
+from cnp.pruning.ranking import NORMALISATIONS
 
 
 @pytest.fixture
@@ -54,14 +50,14 @@ def all_threads():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("K, ap_floor", [(4, 0.75), (8, 0.85)])
-def test_claims_on_reduced_easy_pair(tmp_path, all_threads, K, ap_floor):
+def test_mechanism_on_reduced_easy_pair(tmp_path, all_threads):
     p = make_params(
-        pair="carton-dugong", seed=0, run_dir=str(tmp_path / "run"), device="cpu", K=K,
+        pair="carton-dugong", seed=0, run_dir=str(tmp_path / "run"), device="cpu", **BENCHMARK_DEFAULTS,
         n_rank=150, n_val_per_subgroup=100, n_test_per_subgroup=150,
         drsa_steps=300, drsa_restarts=3, step=0.1, target=0.2, epochs_per_step=0, final_epochs=0,
         wm_share_images=50, heatmap_images=2, methods=("cnp", "vanilla"),
     )
+    assert (p.aggregation, p.normalisation) == ("signed", "sum") and p.normalisation in NORMALISATIONS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # epochs_per_step=0 warns (the paper's catastrophic setting)
         m = run_evaluate(open_run(p), verbose=False)
@@ -69,10 +65,19 @@ def test_claims_on_reduced_easy_pair(tmp_path, all_threads, K, ap_floor):
     acc = m["unpruned"]["acc"]
     assert acc["c0w0"] - acc["c0w1"] >= 0.20, acc                       # claim 1
     ap = m["drsa"]["ap_watermark"]
-    assert max(ap) >= ap_floor, ap                                       # claim 2 (see docstring)
+    assert max(ap) >= 0.85, ap                                           # claim 2
     assert m["drsa"]["ablated"] == [int(torch.tensor(ap).argmax())]
 
-    cnp, van = at_target(m["curves"]["cnp"]), at_target(m["curves"]["vanilla"])
-    assert cnp["pruned"] == pytest.approx(0.2, abs=0.01)
-    assert cnp["acc"]["c0w1"] - van["acc"]["c0w1"] >= 0.15, (cnp["acc"], van["acc"])  # claim 3 (ranking)
-    assert cnp["acc"]["overall"] >= van["acc"]["overall"] - 0.01, (cnp["acc"], van["acc"])
+    # stage 2: the ablated virtual layer on the unpruned network (the schedule's step 0)
+    cnp_curve = safe_torch_load(tmp_path / "run" / "prune" / "prune_cnp.pt")["curve"]
+    before, ablated = cnp_curve[0]["acc"], cnp_curve[0]["acc_virtual_layer"]
+    assert ablated["c0w1"] - before["c0w1"] >= 0.10, (before, ablated)
+    assert ablated["c1w0"] >= before["c1w0"] - 0.05, (before, ablated)
+
+    # stage 3: the rate on both bases, and the ranking through the ablated layer
+    cnp = at_target(m["curves"]["cnp"])
+    assert cnp["pruned"] == cnp["pruned_of_prunable"] == pytest.approx(0.2, abs=0.01)
+    assert cnp["pruned_of_all"] == pytest.approx(0.2 * 928 / 1056, abs=0.01)
+    arch = {meth: safe_torch_load(tmp_path / "run" / "prune" / f"prune_{meth}.pt")["arch"]["conv_widths"]
+            for meth in ("cnp", "vanilla")}
+    assert sum(arch["cnp"]) == sum(arch["vanilla"]) and arch["cnp"] != arch["vanilla"], arch

@@ -1,4 +1,4 @@
-"""Reliability guarantees of issue 8, on smoke settings (docs/guarantees.md lists them).
+"""Reliability guarantees, on smoke settings (docs/guarantees.md lists them).
 
 * Interruption: a pipeline run, a pruning schedule and a DRSA fit killed with SIGKILL at a
   moment drawn from a seeded RNG (while work is in progress) and restarted end with the

@@ -1,4 +1,4 @@
-"""Safe loading (issue 8): weights-only checkpoints, no eval/exec of parameter strings, file
+"""Safe loading: weights-only checkpoints, no eval/exec of parameter strings, file
 names from manifests and label CSVs confined to their root.
 
 * Every ``torch.load`` in the package passes ``weights_only=True`` (an AST scan); nothing imports

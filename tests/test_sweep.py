@@ -109,7 +109,7 @@ def test_cli_dry_run_and_usage_errors(tmp_path, capsys):
     # the evidence preset: its parts go to their own sub-directories, claims seeds as stated
     assert sweep.main(["--preset", "evidence", "--out", str(tmp_path / "ev"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "50 run(s)" in out
+    assert "60 run(s)" in out
     ev = tmp_path / "ev"
     for sub, label, seed in (("reproduce", "carton-dugong", 9), ("reproduce", "crate-packet", 4),
                              ("reproduce", "carton-dugong/wm_rate_pos-0.475_wm_rate_neg-0.475", 4),
@@ -120,7 +120,7 @@ def test_cli_dry_run_and_usage_errors(tmp_path, capsys):
     assert f"{ev / 'full' / 'carton-dugong' / 'seed5'}" not in out
     # command-line values reach every part
     assert sweep.main(["--preset", "evidence", "--out", str(ev), "--seeds", "0", "--dry-run"]) == 0
-    assert "9 run(s)" in capsys.readouterr().out     # easy, control, full, hard, 5 style variants
+    assert "11 run(s)" in capsys.readouterr().out    # easy, control, 2 variants, full, hard, 5 styles
     assert sweep.main(["--pairs", "carton-dugong", "--seeds", "0", "-p", "stpe=1", "--dry-run"]) == 2
     assert "unknown parameter 'stpe'" in capsys.readouterr().err
     assert sweep.main(["--seeds", "0", "--dry-run"]) == 2
