@@ -194,9 +194,9 @@ EVIDENCE_PARTS: list[tuple[str, dict[str, Any]]] = [
                    "grid": CONTROL_GRID}),
     ("variants", {"pairs": ["carton-dugong"], "seeds": REPRODUCE_SEEDS, "params": dict(REPRODUCE_PARAMS),
                   "grid": VARIANTS_GRID, "grid_mode": "variations", "selected": VARIANTS_SELECTED}),
-    ("full", {"pairs": ["carton-dugong"], "seeds": FULL_SEEDS, "params": {**FULL_PARAMS, "methods": "cnp,vanilla"}}),
     ("reproduce", {"pairs": ["crate-packet"], "seeds": [0, 1, 2, 3, 4], "params": dict(REPRODUCE_PARAMS),
                    "pair_params": REPRODUCE_PAIR_PARAMS}),
+    ("full", {"pairs": ["carton-dugong"], "seeds": FULL_SEEDS, "params": {**FULL_PARAMS, "methods": "cnp,vanilla"}}),
     ("styles", {"pairs": ["carton-dugong"], "seeds": [0, 1, 2, 3, 4], "params": dict(REPRODUCE_PARAMS),
                 "grid": STYLES_GRID, "grid_mode": "variations", "selected": STYLES_SELECTED}),
 ]
