@@ -165,10 +165,13 @@ def test_run_notebooks_share_their_parameters_and_defaults(monkeypatch):
     declared = sweep.notebook_parameter_names(NB_DIR / sweep.RUN_NOTEBOOKS[0])
     known = {f.name for f in fields(Params)}
     assert declared - known == {"extra"}
+    from cnp.params import BENCHMARK_DEFAULTS
+
     defaults = Params()
     for name in declared - {"extra"}:
         if ns[name] is not None and name not in ("run_dir", "methods"):
-            assert ns[name] == getattr(defaults, name), f"parameters cell default of {name} != Params default"
+            want = BENCHMARK_DEFAULTS.get(name, getattr(defaults, name))
+            assert ns[name] == want, f"parameters cell default of {name} != Params / benchmark default"
     assert tuple(ns["methods"].split(",")) == defaults.methods and ns["smoke"] is False
     assert {"step", "target", "epochs_per_step"} <= {k for k in declared if ns[k] is None}  # smoke sizes apply
     assert sweep.notebook_parameter_names(NB_DIR / sweep.FIGURES_NOTEBOOK) == {"sweep_dir", "figures_dir"}
