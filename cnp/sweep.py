@@ -471,7 +471,7 @@ def check_overrides(jobs: Sequence[Job]) -> None:
             continue
         seen.add(key)
         try:
-            make_params(**job.overrides)
+            make_params(**{**BENCHMARK_DEFAULTS, **job.overrides})
         except CNPError as exc:
             raise CNPError(f"{exc}" + (f" (grid variant {job.variant})" if job.variant else "")) from None
 
@@ -489,7 +489,8 @@ def expected_key(job: Job) -> str:
     """The parameters key a finished run of ``job`` has (raises CNPError for bad parameters)."""
     from cnp.pipeline import make_params
 
-    return params_key(make_params(**job.all_params()).to_dict())
+    # the notebooks' parameters cells hold the benchmark's settings where they differ from Params
+    return params_key(make_params(**{**BENCHMARK_DEFAULTS, **job.all_params()}).to_dict())
 
 
 def job_status(job: Job) -> tuple[str, str]:
@@ -879,7 +880,7 @@ def prepare_shared(jobs: Sequence[Job], verbose: bool = True) -> None:
     seen: set[str] = set()
     for j in jobs:
         try:
-            p = make_params(**{**j.overrides, "pair": j.pair, "seed": j.seed})
+            p = make_params(**{**BENCHMARK_DEFAULTS, **j.overrides, "pair": j.pair, "seed": j.seed})
         except CNPError:
             continue
         if p.dataset != "synthetic":

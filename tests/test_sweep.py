@@ -457,3 +457,18 @@ def test_run_job_reruns_a_stalled_notebook_once(tmp_path, monkeypatch, capsys):
     res = sweep.run_job(job, status=("run", "test"))
     assert res["status"] == "failed" and "03_ablate" in res["notebook"] and "KernelStalled" in res["error"]
     assert calls.count("03_ablate.ipynb") == 2 and sweep.RUN_NOTEBOOKS[-1] not in calls
+
+
+def test_expected_key_matches_what_the_notebooks_resolve(monkeypatch, tmp_path):
+    """The resume check expects the parameters the notebooks will resolve: the parameters cell's
+    values (the benchmark's settings where they differ from Params) under the injected ones; else
+    a finished run would look stale and be redone."""
+    monkeypatch.delenv("CNP_SMOKE", raising=False)
+    monkeypatch.delenv("CNP_THREADS", raising=False)
+    source = _parameters_cell(sweep.RUN_NOTEBOOKS[0])[1][0].source
+    for overrides in ({}, {"smoke": True}, {"K": 4, "rate_of": "all"}, {"step": 0.1}):
+        job = sweep.plan(["carton-dugong"], [1], tmp_path, overrides)[0]
+        ns: dict = {}
+        exec(source, ns)
+        ns.update(job.all_params())             # what papermill injects after the cell
+        assert sweep.params_key(sweep.notebook_params(ns).to_dict()) == sweep.expected_key(job), overrides
