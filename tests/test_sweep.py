@@ -73,7 +73,10 @@ def test_plan_layout(tmp_path):
 def test_resume_check_compares_parameters(tmp_path):
     job = sweep.plan(["carton-dugong"], [0], tmp_path, {"smoke": True})[0]
     assert sweep.job_status(job) == ("todo", "no metrics.json")
-    p = make_params(**job.all_params()).to_dict()
+    from cnp.params import BENCHMARK_DEFAULTS
+
+    # what a run of the notebooks records: their cells' benchmark settings under the injected values
+    p = make_params(**{**BENCHMARK_DEFAULTS, **job.all_params()}).to_dict()
     run = Path(job.run_dir)
     run.mkdir(parents=True)
     # run_dir, device and threads do not change results: still the same run
