@@ -487,10 +487,16 @@ def params_key(params: Mapping[str, Any]) -> str:
 
 def expected_key(job: Job) -> str:
     """The parameters key a finished run of ``job`` has (raises CNPError for bad parameters)."""
+    return params_key(resolved_params(job).to_dict())
+
+
+def resolved_params(job: Job):
+    """The validated :class:`~cnp.pipeline.Params` a run of ``job``'s notebooks resolves: their
+    parameters cells hold the benchmark's settings (:data:`cnp.params.BENCHMARK_DEFAULTS`) where
+    they differ from ``Params``, and the job's values are injected after them."""
     from cnp.pipeline import make_params
 
-    # the notebooks' parameters cells hold the benchmark's settings where they differ from Params
-    return params_key(make_params(**{**BENCHMARK_DEFAULTS, **job.all_params()}).to_dict())
+    return make_params(**{**BENCHMARK_DEFAULTS, **job.all_params()})
 
 
 def job_status(job: Job) -> tuple[str, str]:

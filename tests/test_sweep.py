@@ -18,7 +18,7 @@ from netguard import guard_env, refused
 
 from cnp import sweep
 from cnp.io import CNPError
-from cnp.pipeline import Params, make_params
+from cnp.pipeline import Params
 
 REPO = Path(__file__).resolve().parents[1]
 NB_DIR = REPO / "notebooks"
@@ -73,10 +73,7 @@ def test_plan_layout(tmp_path):
 def test_resume_check_compares_parameters(tmp_path):
     job = sweep.plan(["carton-dugong"], [0], tmp_path, {"smoke": True})[0]
     assert sweep.job_status(job) == ("todo", "no metrics.json")
-    from cnp.params import BENCHMARK_DEFAULTS
-
-    # what a run of the notebooks records: their cells' benchmark settings under the injected values
-    p = make_params(**{**BENCHMARK_DEFAULTS, **job.all_params()}).to_dict()
+    p = sweep.resolved_params(job).to_dict()     # what a run of the notebooks records
     run = Path(job.run_dir)
     run.mkdir(parents=True)
     # run_dir, device and threads do not change results: still the same run
@@ -293,7 +290,7 @@ def _fake_done(job) -> None:
     """Write a metrics.json that makes ``job`` up to date (no pipeline needed)."""
     d = Path(job.run_dir)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "metrics.json").write_text(json.dumps({"params": make_params(**job.all_params()).to_dict(), "curves": {}}))
+    (d / "metrics.json").write_text(json.dumps({"params": sweep.resolved_params(job).to_dict(), "curves": {}}))
 
 
 def test_process_pool_workers(tmp_path):
