@@ -9,8 +9,8 @@ For ``n = target / step`` steps:
    of total network filters"; or of the prunable convs only, ``rate_of='prunable'``) more are
    gone after each step; the DRSA layer (``conv4_3``) and the virtual layer are never pruned;
 2. **fine-tune** all weights for ``epochs_per_step`` epochs on the training set with the virtual
-   layer *bypassed* (the paper), or kept active (``finetune_with_virtual_layer``, beyond the
-   paper), then re-enable it for the next ranking; optionally **recompute DRSA** warm-started
+   layer *bypassed* (the paper's text), or kept active (``finetune_with_virtual_layer``, what the
+   paper's code does), then re-enable it for the next ranking; optionally **recompute DRSA** warm-started
    from the previous U (``recompute_drsa``, Appendix C's suggestion);
 3. **evaluate** on the balanced test (and validation) set: accuracy overall and per subgroup,
    the share of relevance on watermark pixels, parameters and MACs.
@@ -96,7 +96,8 @@ class PruneConfig:
         Convs whose weights are not fine-tuned (none by default; ``("conv4_3",)`` keeps the DRSA
         layer's weights, so the subspaces stay those DRSA was fitted on).
     finetune_with_virtual_layer : bool
-        Beyond the paper: fine-tune with the ablated virtual layer active.
+        Fine-tune with the ablated virtual layer active, as the paper's code does (its text
+        bypasses the layer, the default here; docs/fidelity.md).
     recompute_drsa : bool
         Beyond the paper: recompute DRSA after each fine-tune, warm-started from the previous U.
     recompute_steps : int
