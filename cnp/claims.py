@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from cnp.figures import RunRecord, at_target, group_runs, load_runs
+from cnp.results import RunRecord, at_target, group_runs, load_runs
 from cnp.stats import clean, format_p, paired
 
 EASY, HARD = "carton-dugong", "crate-packet"
@@ -345,8 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     (NAME may contain ``=``; the directory is after the last one)."""
     import argparse
 
-    from cnp.figures import to_markdown
     from cnp.io import CNPError
+    from cnp.results import to_markdown
 
     ap = argparse.ArgumentParser(prog="python -m cnp.claims", description=main.__doc__)
     ap.add_argument("sweep_dir", nargs="?", help="a sweep directory (claims table)")
