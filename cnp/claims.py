@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from cnp.results import RunRecord, at_target, group_runs, load_runs
-from cnp.stats import clean, format_p, paired
+from cnp.stats import clean, format_p, mean_ci, paired
 
 EASY, HARD = "carton-dugong", "crate-packet"
 #: fixed targets of the claims (see the module doc)
@@ -76,12 +76,12 @@ def _fmt(m: float, s: float, n: int) -> str:
 
 def _mean_ci_text(values: Sequence[float]) -> str:
     """``0.299 [95 % CI 0.233, 0.365]`` of the values' mean."""
-    st = paired(clean(values))
-    if st.n == 0:
+    m, lo, hi, n = mean_ci(values)
+    if n == 0:
         return "n/a"
-    if st.n == 1:
-        return f"{st.mean:.3f} (1 seed)"
-    return f"{st.mean:.3f} [95 % CI {st.ci_low:.3f}, {st.ci_high:.3f}]"
+    if n == 1:
+        return f"{m:.3f} (1 seed)"
+    return f"{m:.3f} [95 % CI {lo:.3f}, {hi:.3f}]"
 
 
 def _final(run: RunRecord, method: str) -> Mapping | None:

@@ -15,7 +15,7 @@
 * Bad parameters: one line, before any work, through make_params, run_all, the sweep command
   line and a papermill-executed notebook.
 
-Runs happen in subprocesses (so they can be killed) with a session-wide fresh ``CNP_CACHE``; the
+Runs happen in subprocesses (so they can be killed) with one fresh ``CNP_CACHE`` for the whole test run; the
 first (reference) run builds the pair data and the backbone there, offline.
 """
 
