@@ -17,5 +17,15 @@ from typing import Any
 #: network - 4x narrower than VGG-16 - as a constant classifier).
 BENCHMARK_DEFAULTS: dict[str, Any] = {"K": 8, "rate_of": "prunable"}
 
+#: Parameters added after runs were first recorded, with the default that reproduces what those
+#: runs did: at this value they are left out of every key (stage caches, the sweep's up-to-date
+#: check), so runs recorded before the parameter existed stay valid; any other value is keyed.
+KEY_NEUTRAL_DEFAULTS: dict[str, Any] = {"rr_lambda": 1.0}
 
-__all__ = ["BENCHMARK_DEFAULTS"]
+
+def key_dict(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` (a ``Params.to_dict()``) without the :data:`KEY_NEUTRAL_DEFAULTS` at their default."""
+    return {k: v for k, v in params.items() if not (k in KEY_NEUTRAL_DEFAULTS and v == KEY_NEUTRAL_DEFAULTS[k])}
+
+
+__all__ = ["BENCHMARK_DEFAULTS", "KEY_NEUTRAL_DEFAULTS", "key_dict"]

@@ -42,7 +42,8 @@ from cnp.io import (
     sha256_file,
 )
 from cnp.models import FULL_WIDTHS, load_model, paper_name, save_model
-from cnp.params import BENCHMARK_DEFAULTS  # noqa: F401  (re-exported: the notebooks' defaults)
+from cnp.params import BENCHMARK_DEFAULTS, key_dict  # noqa: F401  (BENCHMARK_DEFAULTS re-exported: the notebooks' defaults)
+from cnp.pruning.schedule import METHOD_SPECS, METHODS
 from cnp.runtime import (
     StageTimer,
     configure_threads,
@@ -131,6 +132,7 @@ class Params:
     freeze_drsa_layer: bool = False
     finetune_with_virtual_layer: bool = False
     recompute_drsa: bool = False
+    rr_lambda: float = 1.0
     wm_share_images: int = 200
     heatmap_images: int = 6
 
@@ -165,8 +167,6 @@ SMOKE = {
     "drsa_restarts": 1, "n_positions": 5, "step": 0.4, "target": 0.8, "epochs_per_step": 1,
     "final_epochs": 1, "wm_share_images": 10, "heatmap_images": 2,
 }
-
-METHODS = ("cnp", "vanilla", "l1", "random")
 
 
 def _coerce(name: str, value: Any, typ) -> Any:
@@ -287,6 +287,8 @@ def _validate(p: Params) -> None:
     from cnp.pruning.ranking import AGGREGATIONS, NORMALISATIONS
     from cnp.pruning.schedule import RATE_BASES
 
+    if not p.rr_lambda >= 0:
+        raise CNPError(f"rr_lambda (the concept penalty's weight, method cnp-rr) must be >= 0, got {p.rr_lambda}")
     for name, allowed in (("aggregation", AGGREGATIONS), ("normalisation", NORMALISATIONS),
                           ("rate_of", RATE_BASES), ("ranking_data", ("pos", "pos+neg"))):
         if getattr(p, name) not in allowed:
@@ -435,7 +437,7 @@ def _stage_key(p: Params, stage: str) -> str:
     them: the warm-up stage measures the watermark share and the ablate stage the per-subspace
     shares on that many images, so a changed count must not reuse their summaries.
     """
-    d = p.to_dict()
+    d = key_dict(p.to_dict())
     for k in ("run_dir", "device", "threads", "methods", "heatmap_images"):
         d.pop(k)
     order = {"warmup": 0, "augment": 1, "ablate": 2, "prune": 3, "evaluate": 4}
@@ -443,7 +445,7 @@ def _stage_key(p: Params, stage: str) -> str:
         1: ("layer", "K", "d_k", "lrp_variant", "drsa_steps", "drsa_restarts", "n_positions", "subspace_method"),
         2: ("ablate", "ap_threshold", "max_ablate", "ablation_mode"),
         3: ("step", "target", "rate_of", "freeze_drsa_layer", "epochs_per_step", "final_epochs", "ft_lr", "ft_batch_size", "ft_grad_clip", "ranking_data",
-            "aggregation", "normalisation", "finetune_with_virtual_layer", "recompute_drsa"),
+            "aggregation", "normalisation", "finetune_with_virtual_layer", "recompute_drsa", "rr_lambda"),
     }
     for level, keys in groups.items():
         if order[stage] < level:
@@ -720,13 +722,13 @@ def run_prune(run: Run, verbose: bool = True) -> dict:
                       aggregation=p.aggregation, normalisation=p.normalisation, protect=(p.protect_layer,),
                       freeze=(p.protect_layer,) if p.freeze_drsa_layer else (),
                       finetune_with_virtual_layer=p.finetune_with_virtual_layer, recompute_drsa=p.recompute_drsa,
-                      wm_share_images=p.wm_share_images, lrp=LRPConfig(variant=p.lrp_variant))
+                      rr_lambda=p.rr_lambda, wm_share_images=p.wm_share_images, lrp=LRPConfig(variant=p.lrp_variant))
     curves, timings = dict(summary["curves"]) if summary else {}, dict(summary["timings"]) if summary else {}
     for method in p.methods:
         if method in curves:
             continue
         state = None
-        if method == "cnp":
+        if METHOD_SPECS[method].concept:
             model, vl = augmented_model(run, abl["ablated"], p.ablation_mode)
             state = vl.state()
         model = warm_model(run)

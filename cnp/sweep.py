@@ -92,7 +92,7 @@ from pathlib import Path
 from typing import Any
 
 from cnp.io import CNPError, atomic_write_json, atomic_write_text, check_dir_writable, recipe_hash
-from cnp.params import BENCHMARK_DEFAULTS
+from cnp.params import BENCHMARK_DEFAULTS, key_dict
 
 #: Repository root (``cnp/sweep.py`` -> one level above ``cnp/``).
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -479,7 +479,7 @@ def check_overrides(jobs: Sequence[Job]) -> None:
 # ============================================================================ resume check
 def params_key(params: Mapping[str, Any]) -> str:
     """Hash of a run's parameters (a ``Params.to_dict()``) without :data:`RESULT_INDEPENDENT`."""
-    d = {k: v for k, v in params.items() if k not in RESULT_INDEPENDENT}
+    d = {k: v for k, v in key_dict(dict(params)).items() if k not in RESULT_INDEPENDENT}
     if isinstance(d.get("methods"), tuple):
         d["methods"] = list(d["methods"])
     return recipe_hash(d)

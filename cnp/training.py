@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -34,11 +34,16 @@ def train_epoch(
     class_weights: torch.Tensor | None = None,
     verbose: bool = True,
     grad_clip: float = 0.0,
+    penalty: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    penalty_weight: float = 0.0,
 ) -> float:
     """One epoch of cross-entropy training on ``split`` (shuffled by ``generator``); mean loss.
 
     ``grad_clip > 0`` clips the gradient norm (a heavily pruned network can otherwise take a step
     that kills every ReLU of a layer, after which it predicts one class and cannot recover).
+    ``penalty`` (e.g. :class:`cnp.pruning.penalty.ConceptPenalty`) computes the logits and an
+    extra term from the batch; ``penalty_weight`` times that term is added to the loss (the
+    returned mean loss is the cross-entropy alone).
     """
     model.train()
     device = torch.device(device)
@@ -54,8 +59,13 @@ def train_epoch(
             x = x.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = loss_fn(model(x), y)
-        loss.backward()
+            if penalty is not None and penalty_weight > 0:
+                logits, extra = penalty(model, x)
+                loss = loss_fn(logits, y)
+                objective = loss + penalty_weight * extra
+            else:
+                loss = objective = loss_fn(model(x), y)
+        objective.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()

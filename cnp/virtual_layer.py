@@ -198,6 +198,99 @@ class VirtualLayer(ContextSite):
                 "layer": self.layer_name}
 
 
+class KeptAblation(ContextSite):
+    """The ablation of ``K'`` kept in the deployed network, as a low-rank correction.
+
+    ``a' = a - W W^T a`` (``mode='zero'``) or ``a' = a - W W^T a + W W^T mean(a)`` (``mode='mean'``)
+    with ``W = U_K'`` (D, r): the ablated subspaces' bases side by side, ``r = |K'| d_k``. With an
+    orthonormal ``U`` this is the same map as the ablated :class:`VirtualLayer` (``sum_{k not in K'}
+    U_k U_k^T = I - W W^T``) at ``2 D r`` multiply-adds per position instead of the ``K`` groups of
+    virtual nodes and the D x D reconstruction. LRP passes contexts through it as through the
+    virtual layer (``c -> c - W W^T c``).
+
+    Parameters
+    ----------
+    W : torch.Tensor
+        (D, r) orthonormal columns.
+    offset : torch.Tensor, optional
+        (D,) ``W W^T mean(a)`` for mean ablation.
+    """
+
+    site_attr = "cnp_kept_ablation"
+
+    def __init__(self, W: torch.Tensor, offset: torch.Tensor | None = None) -> None:
+        super().__init__()
+        W = torch.as_tensor(W, dtype=torch.float32)
+        if W.ndim != 2 or W.shape[1] == 0 or W.shape[1] >= W.shape[0]:
+            raise CNPError(f"W must be D x r with 0 < r < D (the ablated subspaces' bases), got {tuple(W.shape)}")
+        err = (W.double().T @ W.double() - torch.eye(W.shape[1], dtype=torch.float64)).abs().max().item()
+        if err > 1e-4:
+            raise CNPError(f"the columns of W are not orthonormal (max |W^T W - I| = {err:.2e})")
+        self.D, self.r = W.shape
+        self.register_buffer("W", W.clone(), persistent=False)
+        self.register_buffer("offset", torch.zeros(self.D) if offset is None else torch.as_tensor(offset).float().clone(),
+                             persistent=False)
+        self.mode = "zero" if offset is None else "mean"
+
+    @classmethod
+    def from_virtual_layer(cls, vl: VirtualLayer) -> KeptAblation:
+        """The low-rank equivalent of ``vl``'s ablation (``vl`` must ablate at least one subspace)."""
+        if not vl.ablated:
+            raise CNPError("the virtual layer ablates nothing (K' is empty): there is no ablation to keep")
+        W = torch.cat([vl.blocks()[k] for k in vl.ablated], dim=1).detach()
+        return cls(W, vl.offset().detach() if vl.mode == "mean" else None)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        if a.shape[1] != self.D:
+            raise CNPError(f"the kept ablation expects {self.D} channels at {self.layer_name}, got {a.shape[1]}")
+        W = self.W.to(a.dtype)
+        out = a - torch.einsum("ir,nr...->ni...", W, torch.einsum("ir,ni...->nr...", W, a))
+        if self.mode == "mean":
+            out = out + self.offset.to(a.dtype).view((1, self.D) + (1,) * (a.ndim - 2))
+        return out
+
+    def context_backward(self, a: torch.Tensor, c_out: torch.Tensor) -> torch.Tensor:
+        W = self.W.to(c_out.dtype)
+        return c_out - torch.einsum("ir,nr...->ni...", W, torch.einsum("ir,ni...->nr...", W, c_out))
+
+    def extra_macs(self, height: int, width: int) -> int:
+        """Multiply-adds the correction adds per image at a ``height`` x ``width`` feature map."""
+        return 2 * self.D * self.r * height * width
+
+    def extra_params(self) -> int:
+        """Numbers the deployed network stores for the correction (W, and the offset in mean mode)."""
+        return self.D * self.r + (self.D if self.mode == "mean" else 0)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_name}, D={self.D}, r={self.r}, mode={self.mode}"
+
+    def state(self) -> dict:
+        """Everything needed to rebuild the correction (:func:`kept_from_state`)."""
+        return {"W": self.W.detach().cpu(), "offset": self.offset.detach().cpu() if self.mode == "mean" else None,
+                "layer": self.layer_name}
+
+
+def keep_ablation(model: nn.Module) -> KeptAblation:
+    """Replace ``model``'s virtual layer by the low-rank :class:`KeptAblation` of its ablated set."""
+    vl = get_virtual_layer(model)
+    if vl is None:
+        raise CNPError("the model has no virtual layer to keep the ablation of")
+    kept = KeptAblation.from_virtual_layer(vl)
+    layer = vl.layer_name
+    remove_virtual_layer(model)
+    attach_site(model, layer, kept)
+    return kept
+
+
+def kept_from_state(model: nn.Module, state: dict) -> KeptAblation:
+    """Re-attach a kept ablation saved with :meth:`KeptAblation.state`."""
+    return attach_site(model, state["layer"], KeptAblation(state["W"], state.get("offset")))
+
+
+def get_kept_ablation(model: nn.Module) -> KeptAblation | None:
+    return getattr(model, KeptAblation.site_attr, None)
+
+
 # --------------------------------------------------------------------------- model surgery
 def insert_virtual_layer(model: nn.Module, U: torch.Tensor, K: int, layer: str = "relu4_3",
                          ablated: Sequence[int] = (), mode: str = "zero",

@@ -43,17 +43,76 @@ from cnp.pruning.ranking import (
     protected_indices,
     select_filters,
 )
+from cnp.pruning.penalty import ConceptPenalty
 from cnp.pruning.surgery import remove_filters
 from cnp.runtime import progress
 from cnp.training import make_optimizer, train_epoch
 from cnp.virtual_layer import (
     VirtualLayer,
     from_state,
+    get_kept_ablation,
     get_virtual_layer,
+    keep_ablation,
+    kept_from_state,
     remove_virtual_layer,
 )
 
-METHODS = ("cnp", "vanilla", "l1", "random")
+@dataclass(frozen=True)
+class Method:
+    """A pruning method: a filter criterion plus what the schedule does with the concept layer.
+
+    Attributes
+    ----------
+    name : str
+        What ``methods=`` selects.
+    criterion : str
+        ``lrp`` (relevance of the positive logit), ``l1`` or ``random``.
+    concept : bool
+        Needs the virtual layer (``concept_state``) and ranks through it, ablated.
+    keep : bool
+        The ablation stays in the deployed network (active in every fine-tune, kept at the end
+        as :class:`cnp.virtual_layer.KeptAblation`); otherwise it is bypassed while fine-tuning
+        and removed before the final fine-tune (the paper).
+    penalty : bool
+        The fine-tunes add :class:`cnp.pruning.penalty.ConceptPenalty` on the ablated subspaces.
+    recompute : bool
+        DRSA is refitted after every intermediate fine-tune, warm-started from the previous U,
+        and the ablated subspaces re-identified (the paper's Appendix C suggestion).
+    paper : bool
+        The method as the paper describes it.
+    summary : str
+        One line for tables and ``--help``.
+    """
+
+    name: str
+    criterion: str
+    concept: bool = False
+    keep: bool = False
+    penalty: bool = False
+    recompute: bool = False
+    paper: bool = False
+    summary: str = ""
+
+
+#: every pruning method ``run_pruning`` (and ``methods=`` in notebooks and sweeps) accepts
+METHOD_SPECS: dict[str, Method] = {m.name: m for m in (
+    Method("cnp", "lrp", concept=True, paper=True,
+           summary="the paper: LRP ranking through the ablated virtual layer; layer bypassed while fine-tuning, "
+                   "removed before the final fine-tune"),
+    Method("vanilla", "lrp", paper=True, summary="LRP pruning (Yeom et al.) without the concept layer"),
+    Method("l1", "l1", summary="filters with the smallest L1 weight norm"),
+    Method("random", "random", summary="random filters"),
+    Method("cnp-keep", "lrp", concept=True, keep=True,
+           summary="beyond the paper: CNP whose ablation stays in the deployed network (a - U_K' U_K'^T a), "
+                   "active in every fine-tune"),
+    Method("cnp-rr", "lrp", concept=True, penalty=True,
+           summary="beyond the paper: CNP whose fine-tunes penalise the logit margin's gradient in the "
+                   "ablated subspaces (rr_lambda)"),
+    Method("cnp-recompute", "lrp", concept=True, recompute=True,
+           summary="beyond the paper: CNP with DRSA refitted after every intermediate fine-tune "
+                   "(the paper's future work)"),
+)}
+METHODS = tuple(METHOD_SPECS)
 #: what the pruning rate is a fraction of (see PruneConfig.rate_of)
 RATE_BASES = ("all", "prunable")
 
@@ -106,6 +165,8 @@ class PruneConfig:
         How the ablated subspaces are found again after a recomputation: ``overlap`` (largest
         overlap with the previous ablated subspaces; needs no labels) or ``ap`` (latent analysis
         with the DRSA set's watermark labels).
+    rr_lambda : float
+        Weight of the concept penalty in the fine-tunes of ``cnp-rr`` (other methods ignore it).
     wm_share_images : int
         Watermarked test images explained per evaluation (0 disables the relevance share).
     amp : bool
@@ -134,6 +195,7 @@ class PruneConfig:
     recompute_drsa: bool = False
     recompute_steps: int = 100
     reidentify: str = "overlap"
+    rr_lambda: float = 1.0
     wm_share_images: int = 200
     amp: bool = True
     lrp: LRPConfig = field(default_factory=LRPConfig)
@@ -162,6 +224,8 @@ class PruneConfig:
             raise CNPError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.rate_of not in RATE_BASES:
             raise CNPError(f"rate_of must be one of {RATE_BASES}, got {self.rate_of!r}")
+        if not float(self.rr_lambda) >= 0:
+            raise CNPError(f"rr_lambda must be >= 0, got {self.rr_lambda!r}")
         if self.reidentify not in ("overlap", "ap"):
             raise CNPError(f"reidentify must be 'overlap' or 'ap', got {self.reidentify!r}")
         if self.epochs_per_step == 0:
@@ -188,15 +252,23 @@ class PruneResult:
     method: str
 
 
-def _evaluate(model: VGG, data: PairData, cfg: PruneConfig, device, image_size: int) -> dict:
-    vl = get_virtual_layer(model)
-    was = vl.enabled if vl is not None else None
-    if vl is not None:
-        vl.enabled = False  # the deployable network: as if the augmented layers were removed
-    acc_vl = None
+def _evaluate(model: VGG, data: PairData, cfg: PruneConfig, device, image_size: int, keep: bool = False) -> dict:
+    """One curve entry, measured on the deployable network: without the virtual layer (the paper
+    removes it at the end), or with the ablation for a method that keeps it (``keep``, or a model
+    that carries a :class:`~cnp.virtual_layer.KeptAblation`). The other variant is reported beside
+    it: ``acc_virtual_layer`` (virtual layer active) or ``acc_ablation_removed``."""
+    vl, kept = get_virtual_layer(model), get_kept_ablation(model)
+    site = vl if vl is not None else kept
+    keep = keep or (vl is None and kept is not None)
+    was = site.enabled if site is not None else None
+    if site is not None:
+        site.enabled = keep  # the deployable network
+    acc_vl = acc_removed = None
+    extra_macs, extra_params = _kept_extra(model, vl if keep else None, image_size)
     try:
-        if vl is not None and was:  # with and without the virtual layer, sharing the layers below it
-            acc, acc_vl = subgroup_accuracy_with_site(model, vl, data["test"], device=device)
+        if site is not None and (was or keep):  # with and without the site, sharing the layers below it
+            plain, with_site = subgroup_accuracy_with_site(model, site, data["test"], device=device)
+            acc, acc_vl, acc_removed = (with_site, None, plain) if keep else (plain, with_site, None)
         else:
             acc = subgroup_accuracy(model, data["test"], device=device)
         # wm_share_images = 0 explains no image: NaN shares, no LRP pass
@@ -207,20 +279,50 @@ def _evaluate(model: VGG, data: PairData, cfg: PruneConfig, device, image_size: 
             "val_acc": subgroup_accuracy(model, data["val"], device=device),
             "wm_relevance_share": shares.pop("all"),
             "wm_relevance_share_by_subgroup": shares,
-            "params": count_params(model),
-            "macs": count_macs(model, image_size),
+            "params": count_params(model) + extra_params,
+            "macs": count_macs(model, image_size) + extra_macs,
             "filters": int(sum(model.conv_widths)),
         }
     finally:
-        if vl is not None:
-            vl.enabled = was
+        if site is not None:
+            site.enabled = was
     if acc_vl is not None:
         entry["acc_virtual_layer"] = acc_vl
+    if acc_removed is not None:
+        entry["acc_ablation_removed"] = acc_removed
     return entry
 
 
+def _kept_extra(model: VGG, vl: VirtualLayer | None, image_size: int) -> tuple[int, int]:
+    """(MACs per image, stored numbers) that the deployed concept correction adds: the kept
+    ablation's, or that of the low-rank equivalent of ``vl`` (a keeping method's virtual layer,
+    kept at the end); (0, 0) without either."""
+    kept = get_kept_ablation(model)
+    site = kept if kept is not None else vl
+    if site is None:
+        return 0, 0
+    if kept is not None:
+        r, mean = kept.r, kept.mode == "mean"
+    else:
+        r, mean = len(vl.ablated) * vl.d_k, vl.mode == "mean" and bool(vl.ablated)
+    D = site.D
+    h = _feature_size(model, site._host, image_size)
+    return 2 * D * r * h * h, D * r + (D if mean else 0)
+
+
+def _feature_size(model: VGG, host, image_size: int) -> int:
+    """Side of the (square) feature map that ``host`` (a layer of ``model.features``) outputs."""
+    h = image_size
+    for m in model.features:
+        if isinstance(m, torch.nn.MaxPool2d):
+            h //= 2
+        if m is host:
+            return h
+    raise CNPError("the concept layer's host is not a layer of model.features")
+
+
 def _finetune(model: VGG, data: PairData, cfg: PruneConfig, epochs: int, seed_parts, device,
-              use_vl: bool, verbose: bool) -> None:
+              use_vl: bool, verbose: bool, penalty: ConceptPenalty | None = None) -> None:
     if epochs == 0:
         return
     vl = get_virtual_layer(model)
@@ -238,7 +340,8 @@ def _finetune(model: VGG, data: PairData, cfg: PruneConfig, epochs: int, seed_pa
     try:
         for e in range(epochs):
             train_epoch(model, data["train"], opt, g, cfg.batch_size, device, desc=f"fine-tune {e + 1}/{epochs}",
-                        amp=cfg.amp, verbose=verbose, grad_clip=cfg.grad_clip)
+                        amp=cfg.amp, verbose=verbose, grad_clip=cfg.grad_clip, penalty=penalty,
+                        penalty_weight=penalty.weight if penalty is not None else 0.0)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -301,19 +404,25 @@ def run_pruning(
     data : PairData
         ``train`` (fine-tuning), ``rank`` (ranking), ``drsa`` (recomputation), ``val``/``test``.
     method : str
-        ``cnp``, ``vanilla``, ``l1`` or ``random``.
+        One of :data:`METHODS` (see :data:`METHOD_SPECS`): ``cnp``, ``vanilla``, ``l1``,
+        ``random``, or a variant beyond the paper (``cnp-keep``, ``cnp-rr``, ``cnp-recompute``).
     concept_state : dict
-        For ``cnp``: the virtual layer (``VirtualLayer.state()``: U, K, ablated, mode, mean, layer).
+        For the concept methods (``cnp`` and its variants): the virtual layer
+        (``VirtualLayer.state()``: U, K, ablated, mode, mean, layer).
     run_dir : path, optional
         Where ``prune_<method>.pt`` checkpoints go; a run with the same inputs resumes there.
     """
     cfg = config or PruneConfig()
     if method not in METHODS:
         raise CNPError(f"unknown pruning method {method!r}; use one of {METHODS}")
-    if method == "cnp" and concept_state is None:
-        raise CNPError("method 'cnp' needs concept_state (the virtual layer: U, K, ablated set)")
-    if method == "cnp" and not concept_state.get("ablated"):
+    spec = METHOD_SPECS[method]
+    if spec.concept and concept_state is None:
+        raise CNPError(f"method {method!r} needs concept_state (the virtual layer: U, K, ablated set)")
+    if spec.concept and not concept_state.get("ablated"):
+        if spec.keep or spec.penalty:
+            raise CNPError(f"method {method!r} needs an ablated set K' (concept_state['ablated'] is empty)")
         warnings.warn("CNP with an empty ablated set K' is vanilla LRP pruning", stacklevel=2)
+    recompute = spec.recompute or (spec.concept and cfg.recompute_drsa)
     device = torch.device(device)
     image_size = data.image_size
     model = copy.deepcopy(model).to(device).eval()
@@ -321,7 +430,7 @@ def run_pruning(
     protect = protected_indices(model, cfg.protect)
     for name in cfg.freeze:
         get_layer(model, name)
-    if method == "cnp":
+    if spec.concept:
         _check_site_protected(model, concept_state["layer"], protect)
     n_prunable = sum(w for i, w in enumerate(model.conv_widths) if i not in protect)
     n_all = sum(model.conv_widths)
@@ -330,8 +439,11 @@ def run_pruning(
         raise CNPError(f"a target of {cfg.target:.0%} of {'all' if cfg.rate_of == 'all' else 'the prunable'} "
                        f"{n_basis} filters cannot be reached: only {n_prunable} filters are prunable "
                        f"(one is kept per layer); lower target or use rate_of='prunable'")
+    recipe = cfg.recipe()
+    if not spec.penalty:
+        recipe.pop("rr_lambda")  # only the penalised fine-tunes depend on it
     key = recipe_hash({
-        "method": method, "cfg": cfg.recipe(), "seed": seed,
+        "method": method, "cfg": recipe, "seed": seed,
         "model": tensor_hash(*[v for _, v in sorted(model.state_dict().items())]),
         "data": {k: s.fingerprint() for k, s in data.splits.items()},
         "concept": None if concept_state is None else {
@@ -343,15 +455,18 @@ def run_pruning(
     timings: dict[str, float] = {}
     start_step = 1
     vl = None
-    if method == "cnp":
+    if spec.concept:
         vl = from_state(model, concept_state)
     resumed = _try_resume(ckpt, key, verbose)
     if resumed is not None:
         model = vgg_from_arch(resumed["arch"]).to(device)
         model.load_state_dict(resumed["state_dict"])
         model.eval()
+        vl = None
         if resumed.get("vl") is not None:
             vl = from_state(model, resumed["vl"])
+        if resumed.get("kept") is not None:
+            kept_from_state(model, resumed["kept"])
         curve, timings = resumed["curve"], resumed["timings"]
         if resumed["done"]:
             return PruneResult(model, curve, timings, method)
@@ -362,7 +477,8 @@ def run_pruning(
 
     if not curve:
         t0 = time.perf_counter()
-        curve.append({"step": 0, "pruned": 0.0, "pruned_of_all": 0.0, "pruned_of_prunable": 0.0, "stage": "step", **_evaluate(model, data, cfg, device, image_size)})
+        curve.append({"step": 0, "pruned": 0.0, "pruned_of_all": 0.0, "pruned_of_prunable": 0.0, "stage": "step",
+                      **_evaluate(model, data, cfg, device, image_size, keep=spec.keep)})
         tick("evaluate", t0)
     removed_total = n_prunable - sum(w for i, w in enumerate(model.conv_widths) if i not in protect)
     steps = range(start_step, cfg.n_steps + 1)
@@ -373,7 +489,7 @@ def run_pruning(
         t0 = time.perf_counter()
         if vl is not None:
             vl.enabled = True
-        criterion = "lrp" if method in ("cnp", "vanilla") else method
+        criterion = spec.criterion
         scores = filter_scores(
             model, criterion, data["rank"],
             generator=torch.Generator().manual_seed(seed * 1000 + s),
@@ -389,27 +505,34 @@ def run_pruning(
         tick("remove", t0)
         t0 = time.perf_counter()
         _finetune(model, data, cfg, cfg.epochs_per_step, ("step", seed, s), device,
-                  use_vl=cfg.finetune_with_virtual_layer, verbose=verbose)
+                  use_vl=cfg.finetune_with_virtual_layer or spec.keep, verbose=verbose,
+                  penalty=_penalty(vl, cfg) if spec.penalty else None)
         tick("fine-tune", t0)
         extra = {}
-        if vl is not None and cfg.recompute_drsa:
+        if vl is not None and recompute:
             t0 = time.perf_counter()
             extra["drsa_recomputed"] = _recompute_concepts(model, vl, data, cfg, seed, s, device, verbose)
             tick("drsa-recompute", t0)
         t0 = time.perf_counter()
         entry = {"step": s, "pruned": removed_total / n_basis, "pruned_of_all": removed_total / n_all,
                  "pruned_of_prunable": removed_total / n_prunable, "stage": "step",
-                 **_evaluate(model, data, cfg, device, image_size), **extra}
+                 **_evaluate(model, data, cfg, device, image_size, keep=spec.keep), **extra}
         tick("evaluate", t0)
         curve.append(entry)
         t0 = time.perf_counter()
         _save(ckpt, key, model, vl, curve, timings, s, done=False)
         if ckpt is not None:
             tick("checkpoint", t0)
-    # end of schedule: remove the augmented layers permanently, final recovery fine-tune
+    # end of schedule: remove the augmented layers permanently (a keeping method keeps the ablation
+    # as its low-rank equivalent), final recovery fine-tune
+    penalty = _penalty(vl, cfg) if spec.penalty and vl is not None else None
+    kept = None
+    if spec.keep and vl is not None:
+        kept = keep_ablation(model)
     remove_virtual_layer(model)
     t0 = time.perf_counter()
-    _finetune(model, data, cfg, cfg.final_epochs, ("final", seed), device, use_vl=False, verbose=verbose)
+    _finetune(model, data, cfg, cfg.final_epochs, ("final", seed), device, use_vl=False, verbose=verbose,
+              penalty=penalty)
     tick("fine-tune", t0)
     t0 = time.perf_counter()
     curve.append({"step": cfg.n_steps + 1, "pruned": curve[-1]["pruned"],
@@ -417,8 +540,14 @@ def run_pruning(
                   "pruned_of_prunable": curve[-1].get("pruned_of_prunable"), "stage": "final",
                   **_evaluate(model, data, cfg, device, image_size)})
     tick("evaluate", t0)
-    _save(ckpt, key, model, None, curve, timings, cfg.n_steps + 1, done=True)
+    _save(ckpt, key, model, None, curve, timings, cfg.n_steps + 1, done=True, kept=kept)
     return PruneResult(model, curve, timings, method)
+
+
+def _penalty(vl: VirtualLayer, cfg: PruneConfig) -> ConceptPenalty:
+    """The concept penalty on ``vl``'s ablated subspaces at its layer."""
+    W = torch.cat([vl.blocks()[k] for k in vl.ablated], dim=1)
+    return ConceptPenalty(W, vl.layer_name, cfg.rr_lambda)
 
 
 def _check_site_protected(model: VGG, layer: str, protect: set[int]) -> None:
@@ -439,14 +568,17 @@ def _check_site_protected(model: VGG, layer: str, protect: set[int]) -> None:
 
 
 def _save(path: Path | None, key: str, model: VGG, vl: VirtualLayer | None, curve, timings, step: int,
-          done: bool) -> None:
+          done: bool, kept=None) -> None:
     if path is None:
         return
-    atomic_torch_save(path, {
+    blob = {
         "key": key, "step": step, "done": done, "arch": model.arch,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "vl": vl.state() if vl is not None else None, "curve": curve, "timings": timings,
-    })
+    }
+    if kept is not None:
+        blob["kept"] = kept.state()
+    atomic_torch_save(path, blob)
 
 
 def _try_resume(path: Path | None, key: str, verbose: bool) -> dict | None:
@@ -474,4 +606,5 @@ def ablation_state(vl: VirtualLayer, **changes) -> dict:
     return st
 
 
-__all__ = ["METHODS", "RATE_BASES", "PruneConfig", "PruneResult", "ablation_state", "run_pruning"]
+__all__ = ["METHODS", "METHOD_SPECS", "RATE_BASES", "Method", "PruneConfig", "PruneResult", "ablation_state",
+           "run_pruning"]
