@@ -210,3 +210,49 @@ def test_rr_lambda_is_keyed_only_for_the_penalised_method(tiny_vgg, tiny_pair, r
     assert (tmp_path / "prune_cnp.pt").stat().st_mtime_ns == before  # reused: cnp does not depend on it
     with pytest.raises(CNPError, match="rr_lambda"):
         PruneConfig(rr_lambda=-0.5)
+
+
+# ------------------------------------------------------------------------------ recompute
+def test_reidentify_follows_a_planted_rotation(random_U):
+    """The new basis holds the old ablated block at another position, slightly rotated: the
+    overlap re-identification finds it there."""
+    from cnp.drsa import random_orthogonal
+    from cnp.pruning.schedule import reidentify_by_overlap
+
+    U = random_U(D, seed=1).double()
+    d_k = D // 4
+    blocks = [U[:, k * d_k:(k + 1) * d_k] for k in range(4)]
+    # rotate inside a small angle: mix block 0 with block 1 by 0.2 rad
+    c, s = torch.cos(torch.tensor(0.2, dtype=torch.float64)), torch.sin(torch.tensor(0.2, dtype=torch.float64))
+    b0, b1 = c * blocks[0] + s * blocks[1], -s * blocks[0] + c * blocks[1]
+    Q = random_orthogonal(d_k, seed=3)[0].double()  # a rotation within the block changes nothing
+    new = torch.cat([blocks[2], b1, (b0 @ Q), blocks[3]], dim=1)
+    assert reidentify_by_overlap(U, new, [0], 4) == [2]
+    assert reidentify_by_overlap(U, new, [0, 3], 4) == [2, 3]
+
+
+def test_cnp_recompute_records_each_refit(tiny_vgg, tiny_pair, random_U, monkeypatch):
+    import dataclasses
+
+    import cnp.concepts
+
+    st = _state(random_U(D, seed=4))
+    cfg = dataclasses.replace(CFG, recompute_steps=5)
+    res = run_pruning(tiny_vgg, tiny_pair, "cnp-recompute", cfg, concept_state=st, seed=0, verbose=False)
+    steps = [e for e in res.curve if e["stage"] == "step" and e["step"] > 0]
+    assert all("drsa_recomputed" in e for e in steps)
+    for e in steps:
+        r = e["drsa_recomputed"]
+        assert len(r["ablated"]) == 1 and 0.0 <= r["overlap"] <= 1.0 + 1e-6 and r["kept_previous"] is False
+    # plain cnp never refits
+    assert all("drsa_recomputed" not in e for e in run_pruning(tiny_vgg, tiny_pair, "cnp", cfg, concept_state=st,
+                                                               seed=0, verbose=False).curve)
+
+    # a refit whose every start diverges keeps the previous subspaces and says so
+    def diverge(*a, **k):
+        raise CNPError("every DRSA restart diverged to a non-finite objective.")
+
+    monkeypatch.setattr(cnp.concepts, "fit_concepts", diverge)
+    res = run_pruning(tiny_vgg, tiny_pair, "cnp-recompute", cfg, concept_state=st, seed=0, verbose=False)
+    assert all(e["drsa_recomputed"]["kept_previous"] and e["drsa_recomputed"]["ablated"] == [0]
+               for e in res.curve if "drsa_recomputed" in e)

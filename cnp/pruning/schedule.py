@@ -350,9 +350,24 @@ def _finetune(model: VGG, data: PairData, cfg: PruneConfig, epochs: int, seed_pa
         model.eval()
 
 
+def reidentify_by_overlap(old_U: torch.Tensor, new_U: torch.Tensor, old_ablated, K: int) -> list[int]:
+    """The subspaces of ``new_U`` that take over the ablated ones of ``old_U``: the
+    ``len(old_ablated)`` blocks with the largest overlap ``sum ||old_k^T new_j||_F^2`` (over the
+    old ablated blocks ``old_k``), sorted. Needs no labels."""
+    d_k = old_U.shape[1] // K
+    old_blocks = [old_U[:, k * d_k:(k + 1) * d_k].double() for k in old_ablated]
+    ov = [sum(float((ob.T @ new_U[:, j * d_k:(j + 1) * d_k].double()).pow(2).sum()) for ob in old_blocks)
+          for j in range(K)]
+    return sorted(sorted(range(K), key=lambda j: -ov[j])[: len(old_ablated)])
+
+
 def _recompute_concepts(model: VGG, vl: VirtualLayer, data: PairData, cfg: PruneConfig, seed: int,
                         step: int, device, verbose: bool) -> dict:
-    """Refit DRSA warm-started from the current U and re-identify the ablated subspaces."""
+    """Refit DRSA warm-started from the current U and re-identify the ablated subspaces.
+
+    When the refit fails (every start diverged: after a step that leaves no positive relevance at
+    the layer on the DRSA images, the warm start's objective is 0 and its gradient not finite),
+    the previous U and ablated set are kept and the entry says so (``kept_previous``)."""
     from cnp.concepts import concept_scores, fit_concepts, latent_analysis
 
     old_U, old_ablated = vl.U.detach().clone(), list(vl.ablated)
@@ -361,6 +376,12 @@ def _recompute_concepts(model: VGG, vl: VirtualLayer, data: PairData, cfg: Prune
         fit = fit_concepts(model, data["drsa"], K=vl.K, layer=vl.layer_name, steps=cfg.recompute_steps,
                            restarts=1, seed=seed + step, init=old_U.cpu(), lrp_config=cfg.lrp, device=device,
                            verbose=False)
+    except CNPError as exc:
+        if "diverged" not in str(exc):
+            raise
+        if verbose:
+            print(f"[cnp] step {step}: DRSA recomputation diverged; keeping the previous subspaces")
+        return {"J": float("nan"), "ablated": sorted(old_ablated), "kept_previous": True}
     finally:
         vl.enabled = True
     vl.U = fit.U.to(vl.U.device)
@@ -371,16 +392,14 @@ def _recompute_concepts(model: VGG, vl: VirtualLayer, data: PairData, cfg: Prune
         order = sorted(range(vl.K), key=lambda k: -ap[k])
         new_ablated = order[: len(old_ablated)]
     else:
-        ov = []
-        old_blocks = [old_U[:, k * vl.d_k:(k + 1) * vl.d_k] for k in old_ablated]
-        for k in range(vl.K):
-            Uk = vl.U[:, k * vl.d_k:(k + 1) * vl.d_k].to(old_U)
-            ov.append(sum(float((ob.T @ Uk).pow(2).sum()) for ob in old_blocks))
-        new_ablated = sorted(range(vl.K), key=lambda k: -ov[k])[: len(old_ablated)]
+        new_ablated = reidentify_by_overlap(old_U, vl.U.to(old_U), old_ablated, vl.K)
     if vl.mode == "mean":
         vl.fit_mean(model, data["drsa"].images)
     vl.set_ablation(new_ablated, vl.mode)
-    return {"J": fit.J, "ablated": sorted(new_ablated)}
+    return {"J": fit.J, "ablated": sorted(new_ablated), "kept_previous": False,
+            "overlap": float(sum((old_U[:, k * vl.d_k:(k + 1) * vl.d_k].double().T
+                                  @ vl.U[:, j * vl.d_k:(j + 1) * vl.d_k].to(old_U).double()).pow(2).sum()
+                                 for k in old_ablated for j in new_ablated) / (len(old_ablated) * vl.d_k))}
 
 
 def run_pruning(
@@ -606,5 +625,5 @@ def ablation_state(vl: VirtualLayer, **changes) -> dict:
     return st
 
 
-__all__ = ["METHODS", "METHOD_SPECS", "RATE_BASES", "Method", "PruneConfig", "PruneResult", "ablation_state",
+__all__ = ["METHODS", "METHOD_SPECS", "reidentify_by_overlap", "RATE_BASES", "Method", "PruneConfig", "PruneResult", "ablation_state",
            "run_pruning"]
