@@ -339,10 +339,70 @@ SELECTION_COLUMNS = ("variant", "seeds", "val c0w1, CNP - vanilla", "95 % CI, p"
                      "val overall, CNP - vanilla", "val c0w1 CNP / vanilla")
 
 
+#: the beyond-paper target (see :func:`methods_table`): c0w1 within this of the control's
+CONTROL_MARGIN = 0.05
+
+
+def methods_table(runs: Sequence[RunRecord] | str, control: Sequence[RunRecord] | str | None = None,
+                  pair: str = EASY, split: str = "acc", baseline: str = "vanilla",
+                  label: str | None = None) -> list[dict]:
+    """Every pruning method of the runs against ``baseline``, paired by seed, at the target rate
+    after the final fine-tune.
+
+    One row per method (``baseline`` included, as the reference): c0w1 and overall (mean ± std),
+    c0w1 method - baseline with its 95 % CI, one-sided p and the seeds ahead, the c0w1 share of
+    relevance on watermark pixels and the MACs per image. ``split="val_acc"`` reads the
+    validation split (what a choice is made on). With ``control`` runs, the beyond-paper target
+    is judged per method: mean c0w1 within :data:`CONTROL_MARGIN` of the control's (its vanilla
+    c0w1 at the same rate), overall >= baseline + :data:`OVERALL_MARGIN`, and the c0w1
+    difference's CI above 0. Only the run group ``label`` is read (default: ``pair``'s runs
+    without a grid variant).
+    """
+    rs = [r for r in _as_runs(runs) if r.pair == pair and not is_control(r) and r.label == (label or pair)]
+    ctl = [r for r in _as_runs(control if control is not None else runs) if is_control(r)]
+    ctl_c0w1 = _control_mean([r for r in ctl if r.pair == pair], "vanilla", lambda e: e[split]["c0w1"])
+    methods: list[str] = []
+    for r in rs:
+        methods += [m for m in r.metrics.get("curves", {}) if m not in methods]
+    rows = []
+    for m in [baseline] + [m for m in methods if m != baseline]:
+        ca, cb = _paired(rs, lambda e: e[split]["c0w1"], m, baseline)
+        oa, ob = _paired(rs, lambda e: e[split]["overall"], m, baseline)
+        sa, _ = _paired(rs, lambda e: _sub_share(e, "c0w1"), m, baseline)
+        macs, _ = _paired(rs, lambda e: float(e.get("macs", math.nan)), m, baseline)
+        if not ca:
+            continue
+        c, o = paired(ca, cb), paired(oa, ob)
+        row = {"method": m, "seeds": len(ca), "c0w1": _fmt(*_ms(ca)), "overall": _fmt(*_ms(oa)),
+               "c0w1 share": _fmt(*_ms(sa)), "MMACs": f"{_ms(macs)[0] / 1e6:.2f}"}
+        if m == baseline:
+            row.update({"c0w1 - " + baseline: "(reference)", "CI, p": "", "ahead": "", "overall - " + baseline: "",
+                        "target": ""})
+        else:
+            row.update({"c0w1 - " + baseline: f"{c.mean:+.3f}",
+                        "CI, p": (f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}], p = {format_p(c.p)}" if c.n > 1 else "n/a"),
+                        "ahead": f"{c.favour}/{c.n}", "overall - " + baseline: f"{o.mean:+.3f}"})
+            if math.isnan(ctl_c0w1):
+                row["target"] = "n/a (no control)"
+            else:
+                ok = (_ms(ca)[0] >= ctl_c0w1 - CONTROL_MARGIN and o.mean >= OVERALL_MARGIN and c.n > 1
+                      and c.ci_low > 0)
+                row["target"] = ("met" if ok else "not met") + f" (control c0w1 {ctl_c0w1:.3f})"
+        rows.append(row)
+    return rows
+
+
+def methods_columns(baseline: str = "vanilla") -> tuple[str, ...]:
+    """The column order of :func:`methods_table`."""
+    return ("method", "seeds", "c0w1", "overall", "c0w1 - " + baseline, "CI, p", "ahead", "overall - " + baseline,
+            "c0w1 share", "MMACs", "target")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cnp.claims SWEEP_DIR [--control DIR]``: the claims table (Markdown);
-    ``python -m cnp.claims --select NAME=DIR [NAME=DIR ...]``: the validation selection table
-    (NAME may contain ``=``; the directory is after the last one)."""
+    ``python -m cnp.claims SWEEP_DIR --methods [--split val] [--control DIR]``: every pruning
+    method against vanilla; ``python -m cnp.claims --select NAME=DIR [NAME=DIR ...]``: the
+    validation selection table (NAME may contain ``=``; the directory is after the last one)."""
     import argparse
 
     from cnp.io import CNPError
@@ -352,9 +412,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("sweep_dir", nargs="?", help="a sweep directory (claims table)")
     ap.add_argument("--control", help="a sweep directory holding no-shortcut control runs")
     ap.add_argument("--select", nargs="+", metavar="NAME=DIR", help="variants to compare on the validation split")
+    ap.add_argument("--methods", action="store_true",
+                    help="the pruning methods table (every method against vanilla) instead of the claims")
+    ap.add_argument("--split", choices=("test", "val"), default="test", help="split of the methods table")
+    ap.add_argument("--label", help="run group of the methods table, e.g. carton-dugong/rr_lambda-10 "
+                                    "(default: the easy pair's runs without a grid variant)")
     args = ap.parse_args(argv)
     try:
-        if args.select:
+        if args.methods:
+            if not args.sweep_dir:
+                ap.error("--methods needs a sweep directory")
+            split = "acc" if args.split == "test" else "val_acc"
+            print(to_markdown(methods_table(args.sweep_dir, control=args.control, split=split, label=args.label),
+                              methods_columns()))
+        elif args.select:
             bad = [v for v in args.select if "=" not in v]
             if bad:
                 raise CNPError(f"--select takes NAME=DIR, got {bad[0]!r}")

@@ -409,3 +409,34 @@ def test_claim_ood_reports_the_last_step_before_the_final_fine_tune(tmp_path):
     assert row["holds"] is False                                     # judged after the final fine-tune: +0.000
     plain = [_claim_run(tmp_path, "carton-dugong", s, 0.8, 0.6) for s in range(2)]
     assert "before the final" not in claim_ood(plain)["measured"]
+
+
+def test_methods_table_judges_the_beyond_paper_target(tmp_path, capsys):
+    """Every method against vanilla, paired by seed; the target (c0w1 within 0.05 of the control,
+    overall >= vanilla - 0.01, CI above 0) is judged per method, and only where a control exists."""
+    from cnp.claims import main, methods_columns, methods_table
+
+    def run(label, seed, c0w1, overall=0.9, rates=(0.9, 0.05)):
+        r = _claim_run(tmp_path, label, seed, c0w1["cnp"], c0w1["vanilla"], rates=rates)
+        for m in ("cnp-keep", "cnp-rr"):
+            if m in c0w1:
+                e = {"pruned": 0.8, "stage": "final", "macs": 2e6,
+                     "acc": {"overall": overall, "c0w0": 0.9, "c0w1": c0w1[m], "c1w0": 0.9, "c1w1": 0.9}}
+                r.metrics["curves"][m] = [e]
+        return r
+
+    runs = [run("carton-dugong", s, {"cnp": 0.7, "vanilla": 0.6 + 0.02 * s, "cnp-keep": 0.93 + 0.01 * s,
+                                     "cnp-rr": 0.8 + 0.01 * s}, overall=0.9) for s in range(4)]
+    runs += [run("carton-dugong/rr_lambda-10", s, {"cnp": 0.1, "vanilla": 0.1}) for s in range(4)]   # another group
+    ctl = [run("carton-dugong/wm_rate_pos-0.475_wm_rate_neg-0.475", s, {"cnp": 0.95, "vanilla": 0.96},
+               rates=(0.475, 0.475)) for s in range(4)]
+    rows = {r["method"]: r for r in methods_table(runs + ctl)}
+    assert list(rows) == ["vanilla", "cnp", "cnp-keep", "cnp-rr"]
+    assert rows["vanilla"]["c0w1 - vanilla"] == "(reference)" and rows["vanilla"]["seeds"] == 4
+    assert rows["cnp-keep"]["target"] == "met (control c0w1 0.960)"        # 0.945 >= 0.91, CI above 0
+    assert rows["cnp-rr"]["target"].startswith("not met")                   # 0.815 < 0.91
+    assert rows["cnp-keep"]["ahead"] == "4/4" and rows["cnp-keep"]["MMACs"] == "2.00"
+    assert rows["cnp-keep"]["c0w1 - vanilla"] == "+0.315"
+    assert methods_table(runs)[1]["target"] == "n/a (no control)"
+    assert set(rows["cnp"]) == set(methods_columns())
+    assert main([str(tmp_path / "none"), "--methods"]) == 2
