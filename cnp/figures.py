@@ -55,6 +55,9 @@ METHOD_STYLE = {
     "vanilla": {"color": "#d62728", "label": "vanilla LRP pruning"},
     "l1": {"color": "#2ca02c", "label": "L1-norm pruning"},
     "random": {"color": "#7f7f7f", "label": "random pruning"},
+    "cnp-keep": {"color": "#9467bd", "label": "CNP, ablation kept (beyond the paper)"},
+    "cnp-rr": {"color": "#ff7f0e", "label": "CNP, concept-penalised fine-tuning (beyond the paper)"},
+    "cnp-recompute": {"color": "#8c564b", "label": "CNP, DRSA recomputed (beyond the paper)"},
 }
 #: Paper numbering of the canonical pairs: pair -> (subspace figure, accuracy figure).
 PAPER_FIGURES = {"carton-dugong": ("fig2_subspaces", "fig3_accuracy"),
