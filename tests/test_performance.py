@@ -9,6 +9,8 @@ the copy-free content hash and the stage breakdown.
 from __future__ import annotations
 
 import hashlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,3 +242,32 @@ def test_peak_memory_tool_counts_the_children(tmp_path):
     res = subprocess.run([sys.executable, str(script), "--interval", "0.1", "--bound-gb", "0.1", "--",
                           sys.executable, "-c", hold], capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "exceeds the bound" in res.stderr
+
+
+def test_compare_commits_runs_each_commit_in_its_own_worktree(tmp_path):
+    """bench/compare_commits.py: the command runs alternately at both commits, each with
+    ``import cnp`` resolving to its own worktree, and the ratio is A / B per pair."""
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "compare_commits.py"
+    log = tmp_path / "where.txt"
+    cmd = f"{sys.executable} -c \"import cnp, pathlib; open('{log}', 'a').write(str(pathlib.Path(cnp.__file__).parents[1]) + chr(10))\""
+    out = tmp_path / "res.json"
+    res = subprocess.run([sys.executable, str(script), "HEAD", "HEAD", "--repeats", "3", "--cmd", cmd, "--out", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    where = log.read_text().split()
+    assert len(where) == 6 and where[0] != where[1] and where[0::2] == [where[0]] * 3
+    assert all("cnp-compare-" in w for w in where)
+    data = json.loads(out.read_text())
+    assert len(data["ratios"]) == 3 and data["ratio_a_over_b"]["min"] <= data["ratio_a_over_b"]["median"]
+    assert "ratio A / B: min" in res.stdout
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_commits", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.pair_ratios([2.0, 4.0], [1.0, 4.0]) == [2.0, 1.0]
+    with pytest.raises(ValueError):
+        mod.pair_ratios([1.0], [])
