@@ -408,7 +408,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cnp.io import CNPError
     from cnp.results import to_markdown
 
-    ap = argparse.ArgumentParser(prog="python -m cnp.claims", description=main.__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python -m cnp.claims", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The paper's claims as statistical tests over a sweep directory (Markdown on stdout).",
+        epilog="examples:\n"
+               "  python -m cnp.claims runs/evidence/reproduce              the claims table\n"
+               "  python -m cnp.claims runs/evidence/reproduce --methods    every pruning method against vanilla\n"
+               "  python -m cnp.claims --select K=4=runs/var_K4 K=8=runs/var_K8\n"
+               "                                                           the validation selection table")
     ap.add_argument("sweep_dir", nargs="?", help="a sweep directory (claims table)")
     ap.add_argument("--control", help="a sweep directory holding no-shortcut control runs")
     ap.add_argument("--select", nargs="+", metavar="NAME=DIR", help="variants to compare on the validation split")
@@ -434,7 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.sweep_dir:
             print(to_markdown(claims_table(args.sweep_dir, control=args.control), CLAIM_COLUMNS))
         else:
-            ap.error("give a sweep directory or --select NAME=DIR ...")
+            ap.error("give a sweep directory (a folder with the runs' metrics.json files, e.g. "
+                     "runs/evidence/reproduce) or --select NAME=DIR ...")
     except CNPError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,78 @@ from typing import Any
 #: network - 4x narrower than VGG-16 - as a constant classifier).
 BENCHMARK_DEFAULTS: dict[str, Any] = {"K": 8, "rate_of": "prunable"}
 
+#: One line per :class:`cnp.pipeline.Params` field: what it means (``python -m cnp.sweep
+#: --list-params`` prints it with the field's type and default; a test keeps it complete).
+PARAM_HELP: dict[str, str] = {
+    # run
+    "pair": "class pair: carton-dugong (easy), crate-packet (hard), basketball (Figure 1 demo)",
+    "seed": "seed of the data split, the warm-up, DRSA's starts and the fine-tunes",
+    "dataset": "synthetic (the embedded benchmark, no download) or imagenet (a folder tree)",
+    "run_dir": "run directory ('' : runs/<pair>/seed<k>)",
+    "device": "auto, cpu or cuda",
+    "threads": "torch threads (0: $CNP_THREADS, else all cores)",
+    "smoke": "tiny sizes and few steps (a check of the machinery, minutes on a CPU)",
+    # data
+    "imagenet_root": "dataset=imagenet: the folder with train/<wnid>/ class folders",
+    "weights_path": "dataset=imagenet: a VGG-16 weights file ('': torchvision's cache)",
+    "label_csv": "watermark labels file,watermark ('': the manifest's, when it has one)",
+    "image_size": "image side in pixels (0: 48 for synthetic, 224 for imagenet)",
+    "n_train_per_class": "training images per class (warm-up and fine-tuning)",
+    "n_drsa": "positive images DRSA is fitted on",
+    "n_rank": "images the filter ranking uses",
+    "n_val_per_subgroup": "validation images per subgroup c0w0, c0w1, c1w0, c1w1",
+    "n_test_per_subgroup": "test images per subgroup",
+    "wm_text": "synthetic: the watermark's text",
+    "wm_size": "synthetic: watermark height / image size",
+    "wm_opacity": "synthetic: watermark opacity",
+    "wm_color": "synthetic: watermark colour",
+    "wm_placement": "synthetic: random, fixed or tiled",
+    "wm_rate_pos": "share of positive training images with a watermark",
+    "wm_rate_neg": "share of negative training images with a watermark",
+    "faint_rate": "synthetic: share of images with a faint class signal (-1: the pair's default)",
+    "faint_opacity": "synthetic: opacity of the faint class signal",
+    "backbone_epochs": "synthetic: pretraining epochs of the embedded backbone",
+    "backbone_images_per_class": "synthetic: pretraining images per corpus class",
+    # warm-up
+    "warmup_epochs": "epochs of the binary warm-up",
+    "warmup_lr": "learning rate of the warm-up",
+    "warmup_head": "what the warm-up trains: classifier (fc6-fc8, fc8 new) or fc8 (the new last layer only)",
+    # augment
+    "layer": "the DRSA layer l (paper or qualified name; the virtual layer sits on its ReLU)",
+    "K": "number of concept subspaces U_k",
+    "d_k": "subspace dimension (0: D / K; K * d_k must equal D)",
+    "lrp_variant": "LRP rules: alpha1beta0 (the paper), epsilon or gamma",
+    "drsa_steps": "DRSA optimisation steps",
+    "drsa_restarts": "DRSA restarts (the best objective J is kept)",
+    "n_positions": "feature-map positions sampled per image for DRSA",
+    "subspace_method": "drsa (the paper), prca (baseline) or oracle (from watermark masks)",
+    # ablate
+    "ablate": "ablated set K': auto (latent analysis), indices like 3 or 1,3, or mask:<part>",
+    "ap_threshold": "auto: ablate subspaces whose watermark AP reaches this",
+    "max_ablate": "auto: at most this many subspaces (0: no limit)",
+    "ablation_mode": "zero (the paper) or mean (the paper's footnote 3)",
+    # prune
+    "methods": "pruning methods, comma-separated: cnp, vanilla, l1, random, cnp-keep, cnp-rr, cnp-recompute",
+    "step": "share of the filters removed per pruning step",
+    "target": "final pruning rate",
+    "rate_of": "what step and target count: all filters (the paper) or the prunable ones",
+    "epochs_per_step": "fine-tuning epochs after each pruning step",
+    "final_epochs": "epochs of the final recovery fine-tune",
+    "ft_lr": "fine-tuning learning rate",
+    "ft_batch_size": "fine-tuning batch size",
+    "ft_grad_clip": "fine-tuning gradient-norm clip (0: off)",
+    "ranking_data": "pos (positive images, the paper) or pos+neg",
+    "aggregation": "relevance per filter: signed (the paper's code), abs (Yeom et al.) or abs_of_sum",
+    "normalisation": "per layer: sum, v / sum(v) (the paper's code and Yeom et al.), mean or none",
+    "freeze_drsa_layer": "do not fine-tune the DRSA layer's weights",
+    "finetune_with_virtual_layer": "fine-tune with the ablated layer active (the paper's code; text: bypassed)",
+    "recompute_drsa": "refit DRSA after every fine-tune for cnp too (the method cnp-recompute does this)",
+    "rr_lambda": "cnp-rr: weight of the concept penalty in the fine-tunes",
+    "wm_share_images": "watermarked test images explained per evaluation (relevance share on the watermark)",
+    "heatmap_images": "example images whose heatmaps the notebooks show",
+}
+
+
 #: Parameters added after runs were first recorded, with the default that reproduces what those
 #: runs did: at this value they are left out of every key (stage caches, the sweep's up-to-date
 #: check), so runs recorded before the parameter existed stay valid; any other value is keyed.
@@ -28,4 +100,4 @@ def key_dict(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if not (k in KEY_NEUTRAL_DEFAULTS and v == KEY_NEUTRAL_DEFAULTS[k])}
 
 
-__all__ = ["BENCHMARK_DEFAULTS", "KEY_NEUTRAL_DEFAULTS", "key_dict"]
+__all__ = ["BENCHMARK_DEFAULTS", "KEY_NEUTRAL_DEFAULTS", "PARAM_HELP", "key_dict"]

@@ -86,8 +86,9 @@ import re
 import signal
 import sys
 import time
+import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,7 @@ EVIDENCE_PARTS: list[tuple[str, dict[str, Any]]] = [
 PRESETS: dict[str, dict[str, Any]] = {
     "reproduce": {
         "doc": "make reproduce: easy pair, hard pair and the basketball demo on the embedded benchmark",
+        "time": "about 15 min on 2 cores",
         "pairs": ["carton-dugong", "crate-packet", "basketball"],
         "seeds": REPRODUCE_SEEDS,
         "params": REPRODUCE_PARAMS,
@@ -213,16 +215,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "full": {
         "doc": "the full-fidelity settings (the paper's Appendix A sizes), 5 seeds, with the l1 and random baselines",
+        "time": "about 2 h on 2 cores",
         "pairs": ["carton-dugong", "crate-packet"], "seeds": FULL_SEEDS, "params": FULL_PARAMS, "grid": {},
     },
     "styles": {
         "doc": "claim 6: held-out watermark styles and mean ablation on the easy pair (one axis at a time)",
+        "time": "about 1.5 h on 2 cores",
         "pairs": ["carton-dugong"], "seeds": [0, 1, 2, 3, 4], "params": dict(REPRODUCE_PARAMS),
         "grid": STYLES_GRID, "grid_mode": "variations", "selected": STYLES_SELECTED,
     },
     "control": {
         "doc": "no-shortcut control of the easy pair (watermark equally frequent in both classes), 5 seeds: "
                "the reference for claims 3 and 4; run it into the reproduce sweep directory",
+        "time": "about 20 min on 2 cores",
         "pairs": ["carton-dugong"], "seeds": REPRODUCE_SEEDS, "params": dict(REPRODUCE_PARAMS),
         "grid": CONTROL_GRID, "grid_mode": "product",
     },
@@ -230,19 +235,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "doc": "the claims as statistical tests: easy pair 10 seeds + hard pair 5 + control 5 (reproduce/), "
                "Yeom's ranking rule and a frozen conv4_3 5 seeds each (variants/), 5 seeds at full fidelity "
                "(full/), held-out styles 5 seeds each (styles/)",
+        "time": "about 4 h on 2 cores",
         "parts": EVIDENCE_PARTS,
     },
     "smoke": {
         "doc": "one tiny run (smoke=True) to check the machinery",
+        "time": "about 1 min",
         "pairs": ["carton-dugong"], "seeds": [0], "params": {"smoke": True}, "grid": {},
     },
     "table1": {
         "doc": "the paper's Table 1 hyper-parameter grid (full product, 144 configurations per pair and seed)",
+        "time": "days on 2 cores (288 full-fidelity runs); meant for a cluster",
         "pairs": ["carton-dugong", "crate-packet"], "seeds": [0], "params": {}, "grid": TABLE1_GRID,
         "grid_mode": "product",
     },
     "table1-oat": {
         "doc": "Table 1's values one at a time around the selected ones (10 configurations per pair and seed)",
+        "time": "about 4 h on 2 cores",
         "pairs": ["carton-dugong", "crate-packet"], "seeds": [0], "params": {}, "grid": TABLE1_GRID,
         "grid_mode": "one-at-a-time", "selected": TABLE1_SELECTED,
     },
@@ -726,6 +735,11 @@ def run_job(job: Job, threads: int = 1, kernel: str = KERNEL, notebooks: str | P
         return {**res, "status": "failed", "error": _error_line(exc), "seconds": time.perf_counter() - t0}
 
 
+#: CPUs (and torch threads) per cluster job unless --cpus-per-task says otherwise: a fixed number,
+#: so that a job's thread count never depends on the cores of the machine that submits it
+CLUSTER_CPUS = 4
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -735,9 +749,18 @@ def available_cores() -> int:
 
 def run_local(jobs: Sequence[Job], workers: int, threads: int, kernel: str, notebooks: Path,
               force: bool = False) -> list[dict]:
-    """Run jobs here: in this process (one worker) or in a process pool."""
+    """Run jobs here: in this process (one worker) or in a process pool, with a progress bar
+    over the runs (the per-notebook lines still go to the log)."""
+    from cnp.runtime import progress
+
+    bar = progress(total=len(jobs), desc="runs", unit="run", leave=True)
     if workers <= 1 or len(jobs) <= 1:
-        return [run_job(j, threads, kernel, notebooks, force) for j in jobs]
+        out = []
+        for j in jobs:
+            out.append(run_job(j, threads, kernel, notebooks, force))
+            bar.update(1)
+        bar.close()
+        return out
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -747,6 +770,7 @@ def run_local(jobs: Sequence[Job], workers: int, threads: int, kernel: str, note
         futures = {pool.submit(run_job, j, threads, kernel, notebooks, force, job_status(j)): i
                    for i, j in enumerate(jobs)}
         for fut in as_completed(futures):
+            bar.update(1)
             i = futures[fut]
             try:
                 results[i] = fut.result()
@@ -755,6 +779,7 @@ def run_local(jobs: Sequence[Job], workers: int, threads: int, kernel: str, note
                 results[i] = {"label": j.label, "pair": j.pair, "seed": j.seed, "variant": j.variant,
                               "run_dir": j.run_dir, "status": "failed", "seconds": 0.0,
                               "error": _error_line(exc), "notebook": ""}
+    bar.close()
     return [results[i] for i in range(len(jobs))]
 
 
@@ -827,10 +852,18 @@ def format_table(rows: Sequence[Mapping], cols: Sequence[str]) -> str:
 
 # ============================================================================ command line
 def build_parser() -> argparse.ArgumentParser:
+    from cnp import __version__
+
+    width = max(len(k) for k in PRESETS)
     ap = argparse.ArgumentParser(
         prog="python -m cnp.sweep", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="presets: " + "; ".join(f"{k}: {v['doc']}" for k, v in PRESETS.items()))
+        epilog="presets (--preset NAME):\n" + "\n".join(
+            f"  {k.ljust(width)}  {v['doc']} ({v.get('time', 'time not measured')})" for k, v in PRESETS.items())
+        + "\n\n-p NAME=VALUE takes any run parameter; --list-params lists them with type, default and meaning.")
+    ap.add_argument("--version", action="version", version=f"cnp {__version__}")
+    ap.add_argument("--list-params", action="store_true",
+                    help="list every run parameter (-p NAME=VALUE) with its type, default and meaning, and exit")
     ap.add_argument("--pairs", nargs="+", help="pairs (carton-dugong, crate-packet, basketball)")
     ap.add_argument("--seeds", nargs="+", type=int, help="seeds, e.g. 0 1 2")
     ap.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
@@ -841,16 +874,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how grid axes combine (default: the preset's, else product)")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="a named sweep (see below)")
     ap.add_argument("--workers", type=int, default=1, help="runs at once (threads per run = cores // workers)")
+    ap.add_argument("--device", default=None, help="auto, cpu or cuda for every run (the same as -p device=...)")
     ap.add_argument("--out", default="runs", help="sweep directory (default: runs)")
     ap.add_argument("--figures", default=None, help="where 06 writes the figures (default: OUT/figures)")
     ap.add_argument("--no-figures", action="store_true", help="do not run 06 at the end")
-    ap.add_argument("--executor", choices=["local", "submitit"], default="local")
+    ap.add_argument("--executor", choices=["local", "submitit"], default="local",
+                    help="local: the runs as processes on this machine (--workers at once); submitit: one job per "
+                         "run through submitit, on the backend --cluster names")
     ap.add_argument("--cluster", choices=["local", "slurm", "debug"], default=None,
-                    help="submitit cluster (default: slurm when available, else local)")
+                    help="with --executor submitit only: slurm (a SLURM cluster), local (submitit's own local "
+                         "executor: all jobs at once as processes here, for testing a cluster setup), debug (in "
+                         "this process); default: slurm when available, else local")
     ap.add_argument("--partition", default="", help="SLURM partition (submitit)")
     ap.add_argument("--timeout-min", type=int, default=240, help="job time limit in minutes (submitit)")
     ap.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per job (submitit)")
-    ap.add_argument("--cpus-per-task", type=int, default=0, help="CPUs per job (submitit; default cores // workers)")
+    ap.add_argument("--cpus-per-task", type=int, default=0,
+                    help=f"CPUs (and torch threads) per job (submitit; default {CLUSTER_CPUS}, whatever the cores "
+                         "of the machine that submits)")
     ap.add_argument("--mem-gb", type=int, default=16, help="memory per job in GB (submitit)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per run (default: $CNP_THREADS, else cores // workers)")
@@ -920,11 +960,39 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def list_params() -> str:
+    """Every run parameter: name, type, default (the notebooks' where the embedded benchmark
+    differs from the paper) and one line of meaning."""
+    from cnp.params import PARAM_HELP
+    from cnp.pipeline import Params
+
+    hints = typing.get_type_hints(Params)
+    rows = []
+    for f in fields(Params):
+        default = BENCHMARK_DEFAULTS.get(f.name, f.default if f.default is not MISSING else f.default_factory())
+        typ = getattr(hints[f.name], "__name__", str(hints[f.name]))
+        if typ == "tuple":
+            typ, default = "list", ",".join(default)
+        rows.append({"name": f.name, "type": typ, "default": repr(default), "meaning": PARAM_HELP.get(f.name, "")})
+    note = ("defaults: the paper's (cnp.pipeline.Params), except "
+            + ", ".join(f"{k}={v!r}" for k, v in BENCHMARK_DEFAULTS.items())
+            + " (the embedded benchmark's, cnp.params.BENCHMARK_DEFAULTS, as in the notebooks and presets)")
+    return format_table(rows, ["name", "type", "default", "meaning"]) + "\n\n" + note
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.list_params:
+        print(list_params())
+        return 0
+    if args.cluster and args.executor != "submitit":
+        print("error: --cluster chooses submitit's backend; it needs --executor submitit", file=sys.stderr)
+        return 2
     try:
         preset = PRESETS[args.preset] if args.preset else {}
         cli = parse_assignments(args.param)
+        if args.device:
+            cli["device"] = args.device
         cli_grid = parse_grid(args.grid)
         jobs, part_dirs = [], []
         # a preset with parts runs each part into its own sub-directory of --out
@@ -932,12 +1000,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs += plan_preset(part, Path(args.out) / sub if sub else Path(args.out), args, cli, cli_grid)
             part_dirs += [sub] if sub not in part_dirs else []
         check_overrides(jobs)
+        invalid = [(j, why) for j in jobs for status, why in [job_status(j)] if status == "invalid"]
+        if invalid:
+            j, why = invalid[0]
+            raise CNPError(f"{len(invalid)} of {len(jobs)} run(s) cannot run, e.g. {j.label} seed {j.seed}: {why}")
     except CNPError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     workers = max(1, args.workers)
-    threads = args.threads or args.cpus_per_task or int(os.environ.get("CNP_THREADS") or 0) \
-        or max(1, available_cores() // workers)
+    if args.executor == "submitit":
+        threads = args.threads or args.cpus_per_task or CLUSTER_CPUS
+        args.cpus_per_task = args.cpus_per_task or threads
+    else:
+        threads = args.threads or int(os.environ.get("CNP_THREADS") or 0) or max(1, available_cores() // workers)
     out = Path(args.out)
     notebooks = Path(args.notebooks)
     args.figures = args.figures or str(out / "figures")

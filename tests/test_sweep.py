@@ -253,18 +253,20 @@ def test_sweep_killed_mid_run_resumes_without_redoing_work(tmp_path, sweep_env):
     before_run1 = _mtimes([marker, run1 / "warmup" / "model.pt"])
     assert len(before) > 10 and len(before_run1) == 2
 
-    # restart, with a failing run first: it keeps its notebook, the others go on
+    # a restart with a bad input stops before any run starts: nothing is touched
     res = subprocess.run(_cmd(out, figs, ["nosuchpair", "carton-dugong"]), cwd=REPO, env=sweep_env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "unknown pair 'nosuchpair'" in res.stderr and not (out / "nosuchpair").exists()
+    assert _mtimes(before_run1) == before_run1 and _mtimes(before) == before
+    # the restart proper resumes
+    res = subprocess.run(_cmd(out, figs, ["carton-dugong"]), cwd=REPO, env=sweep_env,
                          capture_output=True, text=True, timeout=400)
-    assert res.returncode == 1, res.stdout + res.stderr
-    assert "FAILED nosuchpair seed 0: CNPError: unknown pair 'nosuchpair'" in res.stdout
-    bad_nb = nbformat.read(out / "nosuchpair" / "seed0" / "01_warmup.ipynb", as_version=4)
-    errors = [o for c in bad_nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    assert errors and errors[0].ename == "CNPError"
+    assert res.returncode == 0, res.stdout + res.stderr
     # nothing finished was redone, nothing was lost
     assert _mtimes(before_run1) == before_run1 and _mtimes(before) == before
     rows = {line.split()[0] + line.split()[1]: line for line in res.stdout.splitlines()
-            if line.startswith(("carton-dugong ", "nosuchpair "))}
+            if line.startswith("carton-dugong ")}
     assert "skipped" in rows["carton-dugong0"] and " done " in rows["carton-dugong1"]
     metrics = json.loads((run1 / "metrics.json").read_text())
     assert metrics["seed"] == 1 and {"cnp", "vanilla"} <= set(metrics["curves"])
@@ -306,12 +308,15 @@ def test_submitit_local_executor(tmp_path, sweep_env):
     pytest.importorskip("submitit")
     out = tmp_path / "sweep"
     _fake_done(sweep.plan(["carton-dugong"], [0], out, {"smoke": 1})[0])
-    cmd = [sys.executable, "-m", "cnp.sweep", "--pairs", "carton-dugong", "nosuchpair", "--seeds", "0", "-p", "smoke=1",
-           "--threads", "1", "--out", str(out), "--no-figures", "--executor", "submitit", "--cluster", "local"]
+    cmd = [sys.executable, "-m", "cnp.sweep", "--pairs", "carton-dugong", "crate-packet", "--seeds", "0", "-p",
+           "smoke=1", "-p", "dataset=imagenet", "-p", f"imagenet_root={tmp_path / 'missing'}", "--threads", "1",
+           "--out", str(out), "--no-figures", "--executor", "submitit", "--cluster", "local"]
+    _fake_done(sweep.plan(["carton-dugong"], [0], out, {"smoke": 1, "dataset": "imagenet",
+                                                        "imagenet_root": str(tmp_path / "missing")})[0])
     res = subprocess.run(cmd, cwd=REPO, env=sweep_env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stdout + res.stderr
-    assert "1 skipped (up to date), 1 failed" in res.stdout and "unknown pair 'nosuchpair'" in res.stdout
-    assert (out / "nosuchpair" / "seed0" / "01_warmup.ipynb").exists() and any((out / ".submitit").iterdir())
+    assert "1 skipped (up to date), 1 failed" in res.stdout and "FAILED crate-packet" in res.stdout
+    assert (out / "crate-packet" / "seed0" / "01_warmup.ipynb").exists() and any((out / ".submitit").iterdir())
 
 
 def test_notebook_parameter_defaults_match_params():
@@ -472,3 +477,47 @@ def test_expected_key_matches_what_the_notebooks_resolve(monkeypatch, tmp_path):
         exec(source, ns)
         ns.update(job.all_params())             # what papermill injects after the cell
         assert sweep.params_key(sweep.notebook_params(ns).to_dict()) == sweep.expected_key(job), overrides
+
+
+def test_a_failing_run_keeps_its_notebook_and_the_others_go_on(tmp_path):
+    """A run that passes validation but fails while it runs (here: an ImageNet folder that does not
+    exist) keeps its executed notebook with the error in it; the other runs are not affected."""
+    missing = str(tmp_path / "no-imagenet")
+    jobs = sweep.plan(["carton-dugong", "crate-packet"], [0], tmp_path / "sweep",
+                      {"smoke": True, "dataset": "imagenet", "imagenet_root": missing})
+    _fake_done(jobs[0])
+    res = sweep.run_local(jobs, workers=1, threads=1, kernel=sweep.KERNEL, notebooks=NB_DIR)
+    assert [r["status"] for r in res] == ["skipped", "failed"]
+    assert "01_warmup" in res[1]["notebook"] and "CNPError" in res[1]["error"]
+    nb = nbformat.read(Path(jobs[1].run_dir) / "01_warmup.ipynb", as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert errors and errors[0].ename == "CNPError"
+
+
+def test_bad_input_stops_the_sweep_before_any_run(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert sweep.main(["--pairs", "carton-dugong", "nosuchpair", "--seeds", "0", "--out", str(out)]) == 2
+    assert "unknown pair 'nosuchpair'" in capsys.readouterr().err and not out.exists()
+    assert sweep.main(["--pairs", "carton-dugong", "--seeds", "0", "--cluster", "slurm", "--out", str(out)]) == 2
+    assert "needs --executor submitit" in capsys.readouterr().err
+
+
+def test_list_params_and_version(capsys):
+    from dataclasses import fields
+
+    from cnp.params import PARAM_HELP
+    from cnp.pipeline import Params
+
+    assert set(PARAM_HELP) == {f.name for f in fields(Params)}      # every parameter has its line
+    assert sweep.main(["--list-params"]) == 0
+    text = capsys.readouterr().out
+    for f in fields(Params):
+        assert f"\n{f.name} " in text
+    assert "rr_lambda" in text and "K                            int    8" in text   # the benchmark's K
+    with pytest.raises(SystemExit):
+        sweep.main(["--version"])
+    import cnp
+
+    assert capsys.readouterr().out.strip() == f"cnp {cnp.__version__}"
+    helptext = sweep.build_parser().format_help()
+    assert all(f"  {k} " in helptext for k in sweep.PRESETS) and "about 15 min on 2 cores" in helptext
