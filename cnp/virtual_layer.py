@@ -85,6 +85,7 @@ class VirtualLayer(ContextSite):
         self._has_mean = mean_activation is not None
         self.backward_blocks: torch.Tensor | None = None  # (n, K) per-sample block weights for heatmaps
         self.last_concept_relevance: torch.Tensor | None = None
+        self.register_buffer("strengths", torch.ones(K), persistent=False)
         self.ablated: tuple[int, ...] = ()
         self.mode = "zero"
         self.set_ablation(ablated, mode)
@@ -109,6 +110,27 @@ class VirtualLayer(ContextSite):
         self.ablated, self.mode = ablated, mode
         return self
 
+    def set_strengths(self, strengths: Sequence[float] | torch.Tensor | None = None) -> VirtualLayer:
+        """Set a strength ``s_k`` in [0, 1] per subspace (``None``: all 1).
+
+        The layer computes ``a' = sum_k w_k U_k U_k^T a`` with ``w_k = s_k`` for kept subspaces and
+        0 for the ablated set ``K'`` (``mode='mean'`` adds ``sum_k (1 - w_k) U_k U_k^T mean(a)``):
+        ``s = 1`` everywhere is the paper's binary ablation, ``s_k = 0`` ablates ``U_k``, values in
+        between blend ``U_k``'s signal (with zero, or with its dataset mean).
+        """
+        if strengths is None:
+            s = torch.ones(self.K)
+        else:
+            s = torch.as_tensor(strengths, dtype=torch.float32).flatten().cpu()
+        if s.numel() != self.K:
+            raise CNPError(f"strengths needs one value per subspace (K = {self.K}), got {s.numel()}")
+        if not bool(((s >= 0) & (s <= 1)).all()):
+            raise CNPError(f"strengths must lie in [0, 1], got {s.tolist()}")
+        if self.mode == "mean" and bool((s < 1).any()) and not self._has_mean:
+            raise CNPError("mean ablation needs the dataset-mean activation: call fit_mean(model, images) first")
+        self.strengths = s.to(self.U.device)
+        return self
+
     @property
     def keep_mask(self) -> torch.Tensor:
         """(K,) 1 for kept subspaces, 0 for ablated ones."""
@@ -117,16 +139,23 @@ class VirtualLayer(ContextSite):
             m[list(self.ablated)] = 0
         return m
 
+    @property
+    def weights(self) -> torch.Tensor:
+        """(K,) the weight ``w_k`` of each subspace: its strength, 0 when ablated."""
+        return self.keep_mask * self.strengths.to(self.U.device)
+
     def projection(self) -> torch.Tensor:
-        """``P = sum_{k kept} U_k U_k^T`` (D, D)."""
-        col = self.keep_mask.repeat_interleave(self.d_k)
+        """``P = sum_k w_k U_k U_k^T`` (D, D): ``sum_{k kept} U_k U_k^T`` at full strengths."""
+        col = self.weights.repeat_interleave(self.d_k)
         return (self.U * col) @ self.U.T
 
     def offset(self) -> torch.Tensor:
-        """The constant added in ``mean`` mode: ``sum_{k in K'} U_k U_k^T mean(a)`` (D,)."""
-        if self.mode != "mean" or not self.ablated:
+        """The constant added in ``mean`` mode: ``sum_k (1 - w_k) U_k U_k^T mean(a)`` (D,), i.e.
+        ``sum_{k in K'} U_k U_k^T mean(a)`` at full strengths."""
+        w = self.weights
+        if self.mode != "mean" or bool((w == 1).all()):
             return torch.zeros(self.D, device=self.U.device)
-        col = 1 - self.keep_mask.repeat_interleave(self.d_k)
+        col = 1 - w.repeat_interleave(self.d_k)
         return (self.U * col) @ (self.U.T @ self.mean_activation)
 
     @torch.no_grad()
@@ -165,7 +194,7 @@ class VirtualLayer(ContextSite):
             raise CNPError(f"the virtual layer expects {self.D} channels at {self.layer_name}, got {a.shape[1]}")
         P = self.projection().to(a.dtype)
         out = torch.einsum("ij,nj...->ni...", P, a)
-        if self.mode == "mean" and self.ablated:
+        if self.mode == "mean" and (self.ablated or bool((self.strengths < 1).any())):
             shape = (1, self.D) + (1,) * (a.ndim - 2)
             out = out + self.offset().to(a.dtype).view(shape)
         return out
@@ -173,7 +202,7 @@ class VirtualLayer(ContextSite):
     def context_backward(self, a: torch.Tensor, c_out: torch.Tensor) -> torch.Tensor:
         if self.backward_blocks is None:
             return torch.einsum("ij,nj...->ni...", self.projection().to(c_out.dtype), c_out)
-        w = (self.backward_blocks.to(c_out) * self.keep_mask.to(c_out)).repeat_interleave(self.d_k, dim=1)
+        w = (self.backward_blocks.to(c_out) * self.weights.to(c_out)).repeat_interleave(self.d_k, dim=1)
         uc = torch.einsum("ji,nj...->ni...", self.U.to(c_out.dtype), c_out)
         shape = w.shape + (1,) * (c_out.ndim - 2)
         return torch.einsum("ij,nj...->ni...", self.U.to(c_out.dtype), uc * w.view(shape))
@@ -184,18 +213,22 @@ class VirtualLayer(ContextSite):
             h = torch.einsum("ji,nj...->ni...", self.U, a)
             uc = torch.einsum("ji,nj...->ni...", self.U, c_out)
             r = (h * uc).flatten(2).sum(2) if h.ndim > 2 else h * uc  # (n, D)
-            rk = r.view(r.shape[0], self.K, self.d_k).sum(2) * self.keep_mask
+            rk = r.view(r.shape[0], self.K, self.d_k).sum(2) * self.weights
             self.last_concept_relevance = rk.detach()
 
     def extra_repr(self) -> str:
+        s = "" if bool((self.strengths == 1).all()) else f", strengths={[round(v, 3) for v in self.strengths.tolist()]}"
         return (f"layer={self.layer_name}, D={self.D}, K={self.K}, d_k={self.d_k}, ablated={list(self.ablated)}, "
-                f"mode={self.mode}, enabled={self.enabled}")
+                f"mode={self.mode}{s}, enabled={self.enabled}")
 
     def state(self) -> dict:
         """Everything needed to rebuild this layer (save with ``cnp.io.atomic_torch_save``)."""
-        return {"U": self.U.detach().cpu(), "K": self.K, "ablated": list(self.ablated), "mode": self.mode,
-                "mean_activation": self.mean_activation.detach().cpu() if self._has_mean else None,
-                "layer": self.layer_name}
+        st = {"U": self.U.detach().cpu(), "K": self.K, "ablated": list(self.ablated), "mode": self.mode,
+              "mean_activation": self.mean_activation.detach().cpu() if self._has_mean else None,
+              "layer": self.layer_name}
+        if not bool((self.strengths == 1).all()):
+            st["strengths"] = self.strengths.detach().cpu()
+        return st
 
 
 class KeptAblation(ContextSite):
@@ -237,6 +270,8 @@ class KeptAblation(ContextSite):
         """The low-rank equivalent of ``vl``'s ablation (``vl`` must ablate at least one subspace)."""
         if not vl.ablated:
             raise CNPError("the virtual layer ablates nothing (K' is empty): there is no ablation to keep")
+        if not bool((vl.strengths == 1).all()):
+            raise CNPError("the kept ablation is the binary one (strengths all 1); reset them with set_strengths()")
         W = torch.cat([vl.blocks()[k] for k in vl.ablated], dim=1).detach()
         return cls(W, vl.offset().detach() if vl.mode == "mean" else None)
 
@@ -311,9 +346,12 @@ def insert_virtual_layer(model: nn.Module, U: torch.Tensor, K: int, layer: str =
 
 def from_state(model: nn.Module, state: dict) -> VirtualLayer:
     """Re-insert a virtual layer saved with :meth:`VirtualLayer.state`."""
-    return insert_virtual_layer(model, state["U"], int(state["K"]), layer=state["layer"],
-                                ablated=state["ablated"], mode=state["mode"],
-                                mean_activation=state.get("mean_activation"))
+    vl = insert_virtual_layer(model, state["U"], int(state["K"]), layer=state["layer"],
+                              ablated=state["ablated"], mode=state["mode"],
+                              mean_activation=state.get("mean_activation"))
+    if state.get("strengths") is not None:
+        vl.set_strengths(state["strengths"])
+    return vl
 
 
 def get_virtual_layer(model: nn.Module) -> VirtualLayer | None:

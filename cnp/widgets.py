@@ -6,8 +6,9 @@ on it (:func:`ablation_widget`, :func:`labeler_widget`). Under papermill or nbva
 front end) the widgets are created and rendered once, headless, without error.
 
 AblationExplorer
-    Stage 2 of the paper, interactively: choose the ablated set ``K'`` (a toggle per subspace
-    ``U_k``) and the ablation mode (``zero``: ``U_k' = 0``, the paper; ``mean``: the subspace
+    Stage 2 of the paper, interactively: a strength slider ``s_k`` in [0, 1] per subspace
+    ``U_k`` (1 = kept, 0 = ablated; the paper's binary ablated set ``K'`` is one click away)
+    and the ablation mode (``zero``: ``U_k' = 0``, the paper; ``mean``: the subspace
     carries its dataset-mean signal, the paper's footnote 3). Each change recomputes, on the
     augmented network, the subspace and overall LRP heatmaps of a few chosen images, their
     positive-class probability, and the accuracy on a small c0w1 set (negatives with a
@@ -99,36 +100,43 @@ class AblationExplorer:
                    lrp_config=_lrp_config(run.params), mean_images=run.data()["drsa"].images,
                    device=run.device)
 
-    def _configure(self, ablated: Sequence[int], mode: str) -> tuple[int, ...]:
+    def _configure(self, ablated: Sequence[int], mode: str,
+                   strengths: Sequence[float] | None) -> tuple[tuple[int, ...], tuple[float, ...]]:
         abl = tuple(sorted({int(k) for k in ablated}))
-        if mode == "mean" and abl and not self.vl._has_mean:
+        s = tuple(float(v) for v in strengths) if strengths is not None else (1.0,) * self.K
+        if mode == "mean" and (abl or min(s, default=1.0) < 1) and not self.vl._has_mean:
             if self.mean_images is None:
                 raise CNPError("mean ablation needs images for the dataset-mean activation (mean_images)")
             self.vl.fit_mean(self.model, self.mean_images)
         self.vl.set_ablation(abl, mode)  # validates indices, mode, 'keep at least one'
-        return abl
+        self.vl.set_strengths(s)         # validates one value per subspace, each in [0, 1]
+        # one key per setting: an ablated subspace has weight 0, whatever its strength says
+        return abl, tuple(0.0 if k in abl else v for k, v in enumerate(s))
 
-    def update(self, ablated: Sequence[int] = (), mode: str = "zero") -> dict[str, Any]:
-        """Ablate ``ablated`` with ``mode`` and recompute everything shown (cached per setting).
+    def update(self, ablated: Sequence[int] = (), mode: str = "zero",
+               strengths: Sequence[float] | None = None) -> dict[str, Any]:
+        """Ablate ``ablated`` with ``mode`` at subspace ``strengths`` (default all 1: the paper's
+        binary ablation) and recompute everything shown (cached per setting).
 
         Returns
         -------
         dict
-            ``ablated`` (sorted list), ``mode``, ``subspaces`` (n, K, H, W) and ``overall``
+            ``ablated`` (sorted list), ``mode``, ``strengths`` (list), ``subspaces`` (n, K, H, W) and ``overall``
             (n, H, W) heatmaps as numpy arrays, ``p_positive`` (n,), ``acc`` {``c0w1``,
             ``c1w0``} (NaN for an empty set), ``seconds`` (compute time; 0 when cached).
 
         Raises
         ------
         CNPError
-            Index outside 0..K-1, every subspace ablated, or an unknown mode.
+            Index outside 0..K-1, every subspace ablated, an unknown mode, or strengths that are
+            not one value in [0, 1] per subspace.
         """
         from cnp.concepts import subspace_heatmaps
         from cnp.data.splits import normalize_images
         from cnp.training import predict_logits
 
-        abl = self._configure(ablated, mode)
-        key = (abl, mode)
+        abl, s = self._configure(ablated, mode, strengths)
+        key = (abl, mode, s)
         if key in self._cache:
             return {**self._cache[key], "seconds": 0.0}
         t0 = time.perf_counter()
@@ -148,7 +156,7 @@ class AblationExplorer:
                     acc[name] = float((pred == label).float().mean())
         finally:
             self.vl.enabled = was
-        res = {"ablated": list(abl), "mode": mode, "subspaces": maps_k.detach().cpu().numpy(),
+        res = {"ablated": list(abl), "mode": mode, "strengths": list(s), "subspaces": maps_k.detach().cpu().numpy(),
                "overall": maps.detach().cpu().numpy(), "p_positive": p.numpy(), "acc": acc}
         self._cache[key] = res
         return {**res, "seconds": time.perf_counter() - t0}
@@ -177,49 +185,79 @@ def static_widgets() -> bool:
     return os.environ.get("CNP_STATIC_WIDGETS", "") not in ("", "0")
 
 
+def format_status(res: dict) -> str:
+    """The widget's status line: the setting, p(positive) per image and the two accuracies
+    (three decimals each)."""
+    weak = [f"U_{k} {v:.2f}" for k, v in enumerate(res.get("strengths", [])) if v < 1 and k not in res["ablated"]]
+    setting = f"K' = {{{', '.join(map(str, res['ablated']))}}}" + (f", strengths {', '.join(weak)}" if weak else "")
+    p = ", ".join(f"{float(v):.3f}" for v in res["p_positive"])
+    return (f"{setting}, mode {res['mode']}: p(positive) of the images [{p}]; "
+            f"accuracy c0w1 {res['acc']['c0w1']:.3f}, c1w0 {res['acc']['c1w0']:.3f} ({res['seconds']:.2f} s)")
+
+
 def ablation_widget(explorer: AblationExplorer, initial: Sequence[int] = (), mode: str = "zero"):
-    """ipywidgets UI on an :class:`AblationExplorer`: a toggle per subspace (pressed = ablated),
-    the mode, a status line with the numbers, and the heatmap figure. Returns the widget box.
+    """ipywidgets UI on an :class:`AblationExplorer`: a strength slider ``s_k`` per subspace
+    (1 = kept, 0 = ablated), buttons for the paper's binary setting (the proposed ``K'`` =
+    ``initial`` at 0, every other subspace at 1) and for no ablation, the mode, a status line with
+    the numbers, and the heatmap figure. Returns the widget box.
 
     Under :func:`static_widgets` it returns the heatmap figure of the initial setting instead (a
     matplotlib Figure, the same picture the widget starts with).
     """
     from cnp.figures import fig_explorer
 
+    initial = sorted({int(k) for k in initial})
     if static_widgets():
-        return fig_explorer(explorer.update(list(initial), mode), explorer.images_hwc(),
+        return fig_explorer(explorer.update(initial, mode), explorer.images_hwc(),
                             title="ablated subspaces marked; red = positive relevance (static: CNP_STATIC_WIDGETS)")
     import ipywidgets as w
     from IPython.display import display
 
-    toggles = [w.ToggleButton(value=k in set(initial), description=f"U_{k}", tooltip=f"ablate subspace U_{k}",
-                              layout=w.Layout(width="70px")) for k in range(explorer.K)]
+    sliders = [w.FloatSlider(value=0.0 if k in initial else 1.0, min=0.0, max=1.0, step=0.05, description=f"U_{k}",
+                             continuous_update=False, readout_format=".2f", orientation="vertical",
+                             tooltip=f"strength of subspace U_{k} (0 = ablated)", layout=w.Layout(height="140px"))
+               for k in range(explorer.K)]
+    paper = w.Button(description=f"paper: K' = {{{', '.join(map(str, initial))}}}",
+                     tooltip="the paper's binary ablation of the proposed set (0 or 1 per subspace)")
+    none = w.Button(description="no ablation", tooltip="every subspace at strength 1")
     mode_w = w.ToggleButtons(options=["zero", "mean"], value=mode, description="mode",
                              tooltips=["U_k' = 0 (the paper)", "dataset-mean signal (footnote 3)"])
     status = w.HTML()
     out = w.Output()
+    busy = {"on": False}
 
     def refresh(*_):
-        ablated = [k for k, t in enumerate(toggles) if t.value]
+        if busy["on"]:
+            return
+        strengths = [sl.value for sl in sliders]
+        ablated = [k for k, v in enumerate(strengths) if v == 0.0]
         try:
-            res = explorer.update(ablated, mode_w.value)
+            res = explorer.update(ablated, mode_w.value, strengths)
         except CNPError as exc:
             status.value = f"<b style='color:#b00'>{exc}</b>"
             return
-        status.value = (f"K' = {{{', '.join(map(str, res['ablated']))}}}, mode {res['mode']}: "
-                        f"p(positive) of the images {np.round(res['p_positive'], 3).tolist()}; "
-                        f"accuracy c0w1 {res['acc']['c0w1']:.3f}, c1w0 {res['acc']['c1w0']:.3f} "
-                        f"({res['seconds']:.2f} s)")
+        status.value = format_status(res)
         fig = fig_explorer(res, explorer.images_hwc(), title="ablated subspaces marked; red = positive relevance")
         with out:
             out.clear_output(wait=True)
             display(fig)
 
-    for t in toggles:
-        t.observe(refresh, names="value")
+    def set_all(values):
+        busy["on"] = True
+        try:
+            for sl, v in zip(sliders, values):
+                sl.value = v
+        finally:
+            busy["on"] = False
+        refresh()
+
+    paper.on_click(lambda _: set_all([0.0 if k in initial else 1.0 for k in range(explorer.K)]))
+    none.on_click(lambda _: set_all([1.0] * explorer.K))
+    for sl in sliders:
+        sl.observe(refresh, names="value")
     mode_w.observe(refresh, names="value")
     refresh()
-    return w.VBox([w.HBox([w.Label("ablate:"), *toggles]), mode_w, status, out])
+    return w.VBox([w.HBox([w.Label("strength s_k:"), *sliders]), w.HBox([paper, none, mode_w]), status, out])
 
 
 # ============================================================================ watermark labeller
@@ -383,4 +421,5 @@ def labeler_widget(labeler: WatermarkLabeler):
     return w.VBox([info, img, w.HBox(list(buttons.values()))])
 
 
-__all__ = ["AblationExplorer", "WatermarkLabeler", "ablation_widget", "labeler_widget", "static_widgets"]
+__all__ = ["AblationExplorer", "WatermarkLabeler", "ablation_widget", "format_status", "labeler_widget",
+           "static_widgets"]

@@ -347,3 +347,58 @@ def test_virtual_layer_is_a_module_of_the_model(tiny_vgg, random_U):
     assert vl.U.dtype == torch.float64  # buffers follow the model
     tiny_vgg.to(torch.float32)
     assert "ablated=[]" in repr(vl) and "K=4" in repr(vl)
+
+
+# ------------------------------------------------------------------------------ strengths
+def test_strengths_one_is_the_identity_and_zero_ablates(tiny_vgg, random_U, tiny_x):
+    """s = 1 everywhere is the identity (the un-ablated layer, bit for bit); s_k = 0 equals
+    ablating U_k, in zero and mean mode; an intermediate strength blends linearly."""
+    import copy
+
+    from cnp.virtual_layer import insert_virtual_layer
+
+    U = random_U(16, seed=3)
+    model = copy.deepcopy(tiny_vgg)
+    vl = insert_virtual_layer(model, U, 4, "relu4_3")
+    a = torch.randn(2, 16, 3, 3, generator=torch.Generator().manual_seed(0))
+    ref = vl(a)
+    assert torch.equal(vl.set_strengths([1, 1, 1, 1])(a), ref)
+    mean = torch.randn(16, generator=torch.Generator().manual_seed(1))
+    vl.mean_activation, vl._has_mean = mean, True
+    for mode in ("zero", "mean"):
+        vl.set_ablation([2], mode).set_strengths(None)
+        ablated = vl(a)
+        vl.set_ablation([], mode).set_strengths([1, 1, 0, 1])
+        assert torch.allclose(vl(a), ablated, atol=1e-6), mode
+        vl.set_strengths([1, 1, 0.25, 1])
+        half = vl(a)
+        vl.set_strengths(None)
+        full = vl(a)
+        assert torch.allclose(half, 0.25 * full + 0.75 * ablated, atol=1e-5), mode
+    # the network with every strength 1 equals the network without the layer
+    vl.set_ablation([], "zero").set_strengths(None)
+    with torch.no_grad():
+        out = model(tiny_x)
+        vl.enabled = False
+        assert torch.allclose(out, model(tiny_x), atol=1e-5)
+    with pytest.raises(CNPError, match="one value per subspace"):
+        vl.set_strengths([1, 1])
+    with pytest.raises(CNPError, match=r"\[0, 1\]"):
+        vl.set_strengths([1, 1, 1.5, 1])
+
+
+def test_strengths_travel_with_the_state_and_weight_concept_relevance(tiny_vgg, random_U, tiny_x):
+    import copy
+
+    from cnp.lrp import LRP
+    from cnp.virtual_layer import from_state, insert_virtual_layer, remove_virtual_layer
+
+    model = copy.deepcopy(tiny_vgg)
+    vl = insert_virtual_layer(model, random_U(16, seed=3), 4, "relu4_3").set_strengths([1, 0.5, 1, 0])
+    st = vl.state()
+    assert st["strengths"].tolist() == [1, 0.5, 1, 0]
+    remove_virtual_layer(model)
+    vl2 = from_state(model, st)
+    assert vl2.strengths.tolist() == [1, 0.5, 1, 0]
+    LRP(model).attribute(tiny_x, 1, input_relevance=False)
+    assert vl2.last_concept_relevance[:, 3].abs().max() == 0   # strength 0: no relevance through U_3

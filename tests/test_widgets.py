@@ -95,15 +95,44 @@ def test_ablation_widget_headless(explorer, monkeypatch):
 
     box = ablation_widget(explorer, initial=[3])
     assert isinstance(box, ipywidgets.VBox)
-    toggles = [c for c in box.children[0].children if isinstance(c, ipywidgets.ToggleButton)]
+    sliders = [c for c in box.children[0].children if isinstance(c, ipywidgets.FloatSlider)]
+    paper, none = [c for c in box.children[1].children if isinstance(c, ipywidgets.Button)]
     status = box.children[2]
-    assert [t.value for t in toggles] == [False, False, False, True]
+    assert [s.value for s in sliders] == [1.0, 1.0, 1.0, 0.0]
     assert "K' = {3}" in status.value
-    toggles[0].value = True  # a click: the callback recomputes
-    assert "K' = {0, 3}" in status.value and ((0, 3), "zero") in explorer._cache
-    for t in toggles[1:3]:
-        t.value = True  # all four: the error is shown, nothing raises
+    sliders[0].value = 0.0  # a slide to 0: the callback recomputes with U_0 ablated too
+    assert "K' = {0, 3}" in status.value and ((0, 3), "zero", (0.0, 1.0, 1.0, 0.0)) in explorer._cache
+    sliders[1].value = 0.5  # an intermediate strength is named in the status line
+    assert "K' = {0, 3}, strengths U_1 0.50" in status.value
+    none.click()
+    assert [s.value for s in sliders] == [1.0] * 4 and "K' = {}" in status.value
+    paper.click()           # the paper's binary setting, one click away
+    assert [s.value for s in sliders] == [1.0, 1.0, 1.0, 0.0] and "K' = {3}," in status.value
+    for s in sliders:
+        s.value = 0.0       # all four ablated: the error is shown, nothing raises
     assert "keep at least one" in status.value
+
+
+def test_status_line_rounds_probabilities(explorer):
+    from cnp.widgets import format_status
+
+    res = explorer.update([1], "zero")
+    res["p_positive"] = np.array([0.9819999933242798, 0.5], dtype=np.float32)
+    line = format_status({**res, "seconds": 0.5})
+    assert "p(positive) of the images [0.982, 0.500]" in line and "0.98199" not in line
+
+
+def test_strengths_in_the_explorer(explorer):
+    """Strength 0 equals the binary ablation; strength 1 everywhere equals no ablation."""
+    off = explorer.update([2], "zero")
+    slid = explorer.update([], "zero", strengths=[1, 1, 0, 1])
+    assert np.allclose(off["p_positive"], slid["p_positive"], atol=1e-6)
+    assert np.allclose(explorer.update([], "zero")["p_positive"],
+                       explorer.update([], "zero", strengths=[1, 1, 1, 1])["p_positive"])
+    half = explorer.update([], "zero", strengths=[1, 1, 0.5, 1])
+    assert not np.allclose(half["p_positive"], off["p_positive"])
+    with pytest.raises(CNPError, match=r"\[0, 1\]"):
+        explorer.update([], "zero", strengths=[1, 1, 2, 1])
 
 
 # ---------------------------------------------------------------------------- labeller
@@ -185,7 +214,7 @@ def test_static_widgets_in_batch_runs(explorer, imagenet_root, tmp_path, monkeyp
     assert not static_widgets() and isinstance(ablation_widget(explorer, initial=[3]), ipywidgets.VBox)
     monkeypatch.setenv("CNP_STATIC_WIDGETS", "1")
     fig = ablation_widget(explorer, initial=[1], mode="zero")
-    assert isinstance(fig, Figure) and ((1,), "zero") in explorer._cache
+    assert isinstance(fig, Figure) and ((1,), "zero", (1.0, 0.0, 1.0, 1.0)) in explorer._cache
     html = labeler_widget(lab)
     assert isinstance(html, HTML) and "labelled 0 / 6" in html.data
     monkeypatch.delenv("CNP_STATIC_WIDGETS")
