@@ -22,4 +22,4 @@ The package is layered like the paper's pipeline (bottom to top):
 from cnp.io import CNPError
 
 __all__ = ["CNPError", "__version__"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
