@@ -521,3 +521,27 @@ def test_list_params_and_version(capsys):
     assert capsys.readouterr().out.strip() == f"cnp {cnp.__version__}"
     helptext = sweep.build_parser().format_help()
     assert all(f"  {k} " in helptext for k in sweep.PRESETS) and "about 15 min on 2 cores" in helptext
+
+
+def test_parameters_cells_declare_their_types():
+    """papermill --help-notebook shows each parameter's type: every assignment of a parameters
+    cell is annotated, with the type of the Params field (or ``T | None`` for "the default")."""
+    import ast
+    import typing
+
+    import nbformat
+
+    from cnp.pipeline import Params
+
+    hints = typing.get_type_hints(Params)
+    for name in (*sweep.RUN_NOTEBOOKS, sweep.FIGURES_NOTEBOOK):
+        nb = nbformat.read(NB_DIR / name, as_version=4)
+        (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        for node in ast.parse(cell.source).body:
+            if isinstance(node, ast.Import):
+                continue
+            assert isinstance(node, ast.AnnAssign), f"{name}: {ast.unparse(node)} has no type annotation"
+            ann, var = ast.unparse(node.annotation), node.target.id
+            if var in hints and var != "methods":
+                want = hints[var].__name__
+                assert ann in (want, f"{want} | None"), f"{name}: {var}: {ann} (Params says {want})"
