@@ -36,12 +36,19 @@ from bench_pruned_speed import time_interleaved  # noqa: E402
 
 from cnp.drsa import random_orthogonal  # noqa: E402
 from cnp.io import atomic_write_json  # noqa: E402
-from cnp.models import VGG, block_widths_to_conv_widths, conv_index, count_macs, full_vgg16, get_layer  # noqa: E402
+from cnp.lrp import attach_site  # noqa: E402
+from cnp.models import (  # noqa: E402
+    VGG,
+    block_widths_to_conv_widths,
+    conv_index,
+    count_macs,
+    full_vgg16,
+    get_layer,
+)
 from cnp.pruning import remove_filters  # noqa: E402
 from cnp.pruning.schedule import _feature_size  # noqa: E402
 from cnp.runtime import resolve_device  # noqa: E402
 from cnp.virtual_layer import KeptAblation  # noqa: E402
-from cnp.lrp import attach_site  # noqa: E402
 
 NETWORKS = {
     "reduced": {"size": 48, "K": 8, "block_widths": (16, 32, 64, 128, 128), "hidden": 256},

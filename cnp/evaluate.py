@@ -73,11 +73,6 @@ def subgroup_accuracy_with_site(model: nn.Module, site: nn.Module, split: Split,
     return _accuracy(torch.cat(plain).cpu(), split), _accuracy(torch.cat(with_site).cpu(), split)
 
 
-def positive_probability(model: nn.Module, images_uint8: torch.Tensor, device="cpu") -> torch.Tensor:
-    """Softmax probability of the positive class (index 1)."""
-    return predict_logits(model, images_uint8, device=device).softmax(1)[:, 1]
-
-
 def pixel_relevance(input_relevance: torch.Tensor) -> torch.Tensor:
     """Pixel heatmap from input relevance (n, 3, H, W) -> (n, H, W) (sum over channels)."""
     return input_relevance.sum(1)

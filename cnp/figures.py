@@ -44,11 +44,10 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from cnp.data.splits import SUBGROUPS  # noqa: F401  (the subgroups in the paper's order; c0w1 is the OOD one)
 from cnp.io import CNPError, atomic_write_bytes, atomic_write_text, safe_torch_load
 from cnp.results import RunRecord, at_target, group_runs, load_runs, to_markdown  # noqa: F401  (re-exported)
 
-#: Subgroups in the order the paper lists them; ``c0w1`` is the OOD subgroup.
-SUBGROUPS = ("c0w0", "c0w1", "c1w0", "c1w1")
 #: Plot order and colours of the pruning methods.
 METHOD_STYLE = {
     "cnp": {"color": "#1f77b4", "label": "CNP (ablated subspaces)"},

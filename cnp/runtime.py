@@ -93,12 +93,6 @@ class StageTimer:
         finally:
             self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - t0
 
-    def summary(self) -> str:
-        total = sum(self.times.values())
-        lines = [f"{k:<24s} {v:8.1f} s" for k, v in self.times.items()]
-        lines.append(f"{'total':<24s} {total:8.1f} s")
-        return "\n".join(lines)
-
 
 def stage_breakdown(stages: dict[str, float], parts: dict[str, dict[str, float]] | None = None,
                     cached: set[str] | frozenset[str] = frozenset(), title: str = "time per stage") -> str:

@@ -1,5 +1,6 @@
 """Stage 3 of the paper: LRP filter ranking, structural removal and the iterative schedule."""
 
+from cnp.pruning.penalty import ConceptPenalty
 from cnp.pruning.ranking import (
     filter_scores,
     l1_filter_scores,
@@ -7,8 +8,14 @@ from cnp.pruning.ranking import (
     normalise_per_layer,
     select_filters,
 )
-from cnp.pruning.penalty import ConceptPenalty
-from cnp.pruning.schedule import METHOD_SPECS, METHODS, Method, PruneConfig, PruneResult, run_pruning
+from cnp.pruning.schedule import (
+    METHOD_SPECS,
+    METHODS,
+    Method,
+    PruneConfig,
+    PruneResult,
+    run_pruning,
+)
 from cnp.pruning.surgery import mask_filters, remove_filters
 
 __all__ = [

@@ -36,6 +36,7 @@ from cnp.evaluate import subgroup_accuracy, subgroup_accuracy_with_site, wm_rele
 from cnp.io import CNPError, atomic_torch_save, recipe_hash, safe_torch_load, tensor_hash
 from cnp.lrp import LRPConfig
 from cnp.models import VGG, count_macs, count_params, get_layer, vgg_from_arch
+from cnp.pruning.penalty import ConceptPenalty
 from cnp.pruning.ranking import (
     AGGREGATIONS,
     NORMALISATIONS,
@@ -43,7 +44,6 @@ from cnp.pruning.ranking import (
     protected_indices,
     select_filters,
 )
-from cnp.pruning.penalty import ConceptPenalty
 from cnp.pruning.surgery import remove_filters
 from cnp.runtime import progress
 from cnp.training import make_optimizer, train_epoch
@@ -56,6 +56,7 @@ from cnp.virtual_layer import (
     kept_from_state,
     remove_virtual_layer,
 )
+
 
 @dataclass(frozen=True)
 class Method:
@@ -618,12 +619,5 @@ def _try_resume(path: Path | None, key: str, verbose: bool) -> dict | None:
     return blob
 
 
-def ablation_state(vl: VirtualLayer, **changes) -> dict:
-    """``vl.state()`` with some fields changed (e.g. ``ablated=[]`` for an un-ablated copy)."""
-    st = vl.state()
-    st.update(changes)
-    return st
-
-
-__all__ = ["METHODS", "METHOD_SPECS", "reidentify_by_overlap", "RATE_BASES", "Method", "PruneConfig", "PruneResult", "ablation_state",
+__all__ = ["METHODS", "METHOD_SPECS", "RATE_BASES", "Method", "PruneConfig", "PruneResult", "reidentify_by_overlap",
            "run_pruning"]
