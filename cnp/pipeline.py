@@ -791,8 +791,10 @@ def run_evaluate(run: Run, verbose: bool = True) -> dict:
 
 
 def _curve_entry(e: dict) -> dict:
+    """A schedule entry as ``metrics.json`` carries it (the method-specific fields where present)."""
     keep = ("pruned", "pruned_of_all", "pruned_of_prunable", "acc", "wm_relevance_share",
-            "wm_relevance_share_by_subgroup", "params", "macs", "stage", "val_acc", "filters", "step")
+            "wm_relevance_share_by_subgroup", "params", "macs", "stage", "val_acc", "filters", "step",
+            "acc_virtual_layer", "acc_ablation_removed", "drsa_recomputed")
     return {k: e[k] for k in keep if k in e}
 
 
