@@ -339,8 +339,9 @@ def test_notebook_parameter_defaults_match_params():
         nb = json.loads(path.read_text())
         cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
         for node in ast.parse("".join(cell["source"])).body:
-            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-                name = node.targets[0].id
+            target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+            if isinstance(target, ast.Name) and node.value is not None:
+                name = target.id
                 if name in defaults and name not in run_specific and isinstance(node.value, ast.Constant):
                     value = node.value.value
                     if value is not None:
