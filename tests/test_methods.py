@@ -163,6 +163,8 @@ def test_penalty_on_a_vgg_layer_and_in_training(tiny_vgg, tiny_x, random_U):
         ConceptPenalty(U[:, :4], "relu4_3", weight=-1)
     with pytest.raises(CNPError, match="channels"):
         ConceptPenalty(torch.eye(8)[:, :2], "relu4_3")(tiny_vgg, tiny_x)
+    with pytest.raises(CNPError, match="binary task"):
+        pen.value(torch.zeros(3, 5, requires_grad=True), torch.zeros(3, 16))
 
 
 def test_penalised_training_lowers_the_share(tiny_vgg, tiny_pair, random_U):

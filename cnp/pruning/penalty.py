@@ -68,6 +68,8 @@ class ConceptPenalty:
 
     def value(self, logits: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The penalty for logits computed from activations ``a`` (the graph must connect them)."""
+        if logits.ndim != 2 or logits.shape[1] != 2:
+            raise CNPError(f"the concept penalty is defined for a binary task (logits n x 2), got {tuple(logits.shape)}")
         margin = (logits[:, 1] - logits[:, 0]).sum()
         (g,) = torch.autograd.grad(margin, a, create_graph=True)
         W = self.W.to(g)
