@@ -1,6 +1,6 @@
 """The live ablation widget of notebook 03 in a real browser (JupyterLab under headless Chromium).
 
-Starts JupyterLab on a free local port, opens ``notebooks/03_ablate.ipynb`` in headless Chromium
+Starts JupyterLab on a free local port over a copy of ``notebooks/``, opens ``03_ablate.ipynb`` in headless Chromium
 through Selenium, runs all cells (smoke sizes, a temporary run directory), then changes the
 ablation twice through the widget's buttons (*no ablation*, then the paper's ``K'``) and checks
 that the status line and the heatmap image change each time. Skips with the reason when Chromium,
@@ -52,16 +52,19 @@ def lab(tmp_path):
         pytest.skip("no Chromium or chromedriver on this machine (Debian: apt-get install chromium chromium-driver)")
     pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
     port, token = _free_port(), "cnp-browser-test"
+    # JupyterLab serves a copy of the notebooks (its autosave must never write into the repository's)
+    served = tmp_path / "served"
+    shutil.copytree(REPO / "notebooks", served / "notebooks", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     env = {**os.environ, "CNP_SMOKE": "1", "CNP_RUNS": str(tmp_path / "runs"), "CNP_FIGURES": str(tmp_path / "figs"),
            "CNP_PROGRESS": "0", "CNP_THREADS": "1", "OMP_NUM_THREADS": "1", "CNP_STATIC_WIDGETS": "0",
            "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
     log = open(tmp_path / "lab.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-         f"--IdentityProvider.token={token}", "--ServerApp.disable_check_xsrf=True", f"--notebook-dir={REPO}",
+         f"--IdentityProvider.token={token}", "--ServerApp.disable_check_xsrf=True", f"--notebook-dir={served}",
          "--LabApp.expose_app_in_browser=True", "--MappingKernelManager.default_kernel_name=cnp"]
         + (["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=served, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_http(f"http://127.0.0.1:{port}/api/status?token={token}", 90)
         yield f"http://127.0.0.1:{port}", token
