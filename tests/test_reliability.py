@@ -709,7 +709,6 @@ def test_stage_keys_follow_the_parameters_each_stage_uses():
     # carries the layout (checked against the key without it), and 'pos' keys are unchanged
     import cnp.pipeline as pl
     from cnp.io import recipe_hash
-
     from cnp.params import key_dict
 
     posneg = make_params(pair="carton-dugong", seed=0, smoke=True, ranking_data="pos+neg")

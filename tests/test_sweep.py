@@ -358,7 +358,7 @@ def test_workers_die_with_a_killed_sweep(tmp_path):
     code = r"""
 import multiprocessing, os, sys, time
 from concurrent.futures import ProcessPoolExecutor
-from cnp.sweep import _die_with_parent
+from cnp.sweep.runner import _die_with_parent
 def work(_):
     time.sleep(120)
 if __name__ == "__main__":
@@ -451,7 +451,7 @@ def test_run_job_reruns_a_stalled_notebook_once(tmp_path, monkeypatch, capsys):
         if src.name == sweep.RUN_NOTEBOOKS[-1]:
             (Path(job.run_dir) / "metrics.json").write_text("{}")
 
-    monkeypatch.setattr(sweep, "execute", fake_execute)
+    monkeypatch.setattr(sweep.runner, "execute", fake_execute)   # where run_job looks it up
     monkeypatch.setattr(os, "environ", dict(os.environ))   # run_job sets thread and widget variables
     stalls = 1
     res = sweep.run_job(job, status=("run", "test"))
