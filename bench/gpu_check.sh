@@ -9,6 +9,7 @@
 #   2. LRP ranking throughput, cnp vs zennit's own attribution (full VGG-16, 224 px, batch 64)
 #   3. one full paper run of the pruning schedule per method (cnp, vanilla)
 #   4. DRSA at the paper's size (D=512 N=10000 K=4, 5000 steps, 3 restarts) vs the reference
+#   5. the latency of cnp-keep's deployed correction (the pruned network with and without it)
 # and prints one table (bench/summarize.py). Results go to $OUT when it is set (the device
 # tool's output folder), else to bench/results/gpu-<date> (--tiny: a temporary folder).
 #
@@ -82,11 +83,13 @@ if [[ $TINY == 1 ]]; then
   run lrp 120 "$PY" bench/bench_lrp.py --device $DEV --model reduced --batch 4 --repeats 2 --warmup 1 $THREADS --out "$RES/lrp.json"
   run full_run 120 "$PY" bench/bench_full_run.py --preset quick --device $DEV $THREADS --out "$RES/full_run.json"
   run drsa 120 "$PY" bench/bench_drsa.py --device $DEV --D 64 --N 1000 --steps 20 --restarts 2 $THREADS --out "$RES/drsa.json"
+  run kept 60 "$PY" bench/bench_kept_ablation.py --device $DEV --quick $THREADS --out "$RES/kept_ablation.json"
 else
   run pruned_speed 45 "$PY" bench/bench_pruned_speed.py --device $DEV --batch 8 64 --bf16 --repeats 30 --warmup 5 --out "$RES/pruned_speed.json"
   run lrp 60 "$PY" bench/bench_lrp.py --device $DEV --model full --batch 64 --repeats 8 --warmup 2 --out "$RES/lrp.json"
   run full_run 240 "$PY" bench/bench_full_run.py --preset paper --device $DEV --out "$RES/full_run.json"
   run drsa 150 "$PY" bench/bench_drsa.py --device $DEV --out "$RES/drsa.json"
+  run kept 30 "$PY" bench/bench_kept_ablation.py --device $DEV --repeats 30 --out "$RES/kept_ablation.json"
 fi
 
 echo "=== summary (total $(( $(date +%s) - START )) s)" | tee -a "$LOG"

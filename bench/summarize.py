@@ -1,6 +1,6 @@
 """One table of every performance figure next to its target, from the benches' JSON files.
 
-Reads ``drsa*.json``, ``lrp*.json``, ``full_run*.json`` and ``pruned_speed*.json`` in a folder
+Reads ``drsa*.json``, ``lrp*.json``, ``full_run*.json``, ``pruned_speed*.json`` and ``kept_ablation*.json`` in a folder
 (as written by the benches' ``--out``), prints a table and writes it as Markdown (with the
 machine: CPU model, cores, torch, load average, GPU name) and JSON.
 
@@ -92,6 +92,12 @@ def rows_for(folder: Path) -> list[dict]:
             add(f"80 %-pruned VGG-16 [{r['config']}] {r['mode']} batch {r['batch']} {d['size']} px: speed-up",
                 f"{r['speedup']:.2f}x ({r['gmacs_per_image']:.2f} GMACs, {r['mac_ratio']:.1f}x fewer)",
                 ">= 8x (CPU, batch 8, 224 px)" if r["judged"] else "(info)", r["pass"], where)
+    for d in _load(folder, "kept_ablation"):
+        for r in d["results"]:
+            add(f"cnp-keep correction, {r['network']} {r['size']} px batch {r['batch']}: latency with / without",
+                f"{r['latency_ratio_median']:.3f}x ({r['latency_plain_ms']:.1f} -> {r['latency_kept_ms']:.1f} ms)",
+                "(info)", None, f"{r['device']}, {d['threads']} threads",
+                f"MACs +{100 * r['mac_increase']:.1f} % (r = {r['r']} of D = {r['D']})")
     return rows
 
 

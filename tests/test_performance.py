@@ -271,3 +271,23 @@ def test_compare_commits_runs_each_commit_in_its_own_worktree(tmp_path):
     assert mod.pair_ratios([2.0, 4.0], [1.0, 4.0]) == [2.0, 1.0]
     with pytest.raises(ValueError):
         mod.pair_ratios([1.0], [])
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_tiny_on_the_cpu(tmp_path):
+    """bench/gpu_check.sh --tiny: every step of the prepared GPU check runs at tiny sizes on the
+    CPU against the current code and ends with exit 0, and the summary table has each figure."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path)}
+    res = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), "--tiny"], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = (tmp_path / "gpu_check.log").read_text()
+    for step in ("pruned_speed", "lrp", "full_run", "drsa", "kept"):
+        assert f"=== {step}: exit 0 after" in log, f"{step} did not finish:\n{log[-3000:]}"
+    summary = (tmp_path / "summary.md").read_text()
+    for figure in ("80 %-pruned VGG-16", "LRP ranking", "full run [quick]", "DRSA", "cnp-keep correction"):
+        assert figure in summary, figure
