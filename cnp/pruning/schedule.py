@@ -48,6 +48,7 @@ from cnp.pruning.surgery import remove_filters
 from cnp.runtime import progress
 from cnp.training import make_optimizer, train_epoch
 from cnp.virtual_layer import (
+    KeptAblation,
     VirtualLayer,
     from_state,
     get_kept_ablation,
@@ -299,16 +300,13 @@ def _kept_extra(model: VGG, vl: VirtualLayer | None, image_size: int) -> tuple[i
     ablation's, or that of the low-rank equivalent of ``vl`` (a keeping method's virtual layer,
     kept at the end); (0, 0) without either."""
     kept = get_kept_ablation(model)
-    site = kept if kept is not None else vl
-    if site is None:
+    if kept is None and vl is not None and vl.ablated:
+        kept = KeptAblation.from_virtual_layer(vl)
+        object.__setattr__(kept, "_host", vl._host)  # a plain reference, as attach_site sets it
+    if kept is None:
         return 0, 0
-    if kept is not None:
-        r, mean = kept.r, kept.mode == "mean"
-    else:
-        r, mean = len(vl.ablated) * vl.d_k, vl.mode == "mean" and bool(vl.ablated)
-    D = site.D
-    h = _feature_size(model, site._host, image_size)
-    return 2 * D * r * h * h, D * r + (D if mean else 0)
+    h = _feature_size(model, kept._host, image_size)
+    return kept.extra_macs(h, h), kept.extra_params()
 
 
 def _feature_size(model: VGG, host, image_size: int) -> int:
