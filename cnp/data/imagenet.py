@@ -70,12 +70,12 @@ import torch
 from cnp.data.splits import SUBGROUPS, PairData, Split
 from cnp.data.watermark import WatermarkStyle, apply_watermark
 from cnp.io import CNPError, atomic_write_text, recipe_hash, safe_join
+from cnp.resources import manifest_dir
 from cnp.runtime import progress as progress_bar
 
-#: Repository root (``cnp/data/imagenet.py`` -> two levels up from ``cnp/``).
-REPO_ROOT = Path(__file__).resolve().parents[2]
-#: Folder of the packaged pair manifests.
-MANIFEST_DIR = REPO_ROOT / "data_manifests"
+#: Folder of the packaged pair manifests: the checkout's ``data_manifests/``, else the installed
+#: copies (:func:`cnp.resources.manifest_dir`).
+MANIFEST_DIR = manifest_dir()
 #: Keys of the split sizes (``train`` per class, ``val``/``test`` per subgroup).
 SIZE_KEYS: tuple[str, ...] = ("train", "drsa", "rank", "val", "test")
 #: Image file suffixes listed in class folders (case-insensitive).

@@ -9,7 +9,9 @@ Usage
         [--preset NAME] [--executor local|submitit] [--dry-run]
 
 * Every run executes ``notebooks/01_warmup`` ... ``05_evaluate`` with papermill (kernel
-  ``cnp``); the values are injected into the cell tagged ``parameters`` and the executed
+  ``cnp``; the checkout's ``notebooks/``, or the installed package's copies, see
+  :mod:`cnp.resources`; ``--notebooks DIR`` runs others, e.g. edited copies from
+  ``cnp-notebooks DIR``); the values are injected into the cell tagged ``parameters`` and the executed
   notebooks are saved in the run directory ``DIR/<pair>/seed<k>/`` (with a grid:
   ``DIR/<pair>/<variant>/seed<k>/``, the variant naming the grid values). Then
   ``06_figures`` runs over everything in ``DIR`` and writes the figures (``--figures``,

@@ -12,20 +12,29 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cnp import resources
 from cnp.io import CNPError, recipe_hash
 from cnp.params import BENCHMARK_DEFAULTS, key_dict
-from cnp.sweep.presets import REPO_ROOT, RESULT_INDEPENDENT, SHORT_NAMES
+from cnp.sweep.presets import RESULT_INDEPENDENT, SHORT_NAMES
 
 
 # ============================================================================ notebook support
+def _default_base() -> Path:
+    """The checkout's root, or the current directory for an installed package (never
+    ``site-packages``)."""
+    return resources.checkout_root() or Path.cwd()
+
+
 def default_runs_root() -> Path:
-    """Where runs go when a notebook is given no ``run_dir``: ``$CNP_RUNS`` or ``<repo>/runs``."""
-    return Path(os.environ.get("CNP_RUNS") or REPO_ROOT / "runs")
+    """Where runs go when a notebook is given no ``run_dir``: ``$CNP_RUNS``, else ``<repo>/runs``
+    from a checkout, else ``runs/`` in the current directory (an installed package)."""
+    return Path(os.environ.get("CNP_RUNS") or _default_base() / "runs")
 
 
 def default_figures_dir() -> Path:
-    """Where 06 writes figures by default: ``$CNP_FIGURES`` or ``<repo>/figures``."""
-    return Path(os.environ.get("CNP_FIGURES") or REPO_ROOT / "figures")
+    """Where 06 writes figures by default: ``$CNP_FIGURES``, else ``<repo>/figures`` from a
+    checkout, else ``figures/`` in the current directory (an installed package)."""
+    return Path(os.environ.get("CNP_FIGURES") or _default_base() / "figures")
 
 
 def default_run_dir(pair: str, seed: int, smoke: bool = False) -> Path:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from cnp.params import BENCHMARK_DEFAULTS
+from cnp.resources import checkout_root, notebook_dir
 
-#: Repository root (``cnp/sweep/presets.py`` -> one level above ``cnp/``).
-REPO_ROOT = Path(__file__).resolve().parents[2]
-NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+#: Repository root when running from a checkout, ``None`` for an installed package
+#: (:func:`cnp.resources.checkout_root`).
+REPO_ROOT = checkout_root()
+#: Folder of the notebooks 01-06: the checkout's ``notebooks/``, else the installed copies
+#: (:func:`cnp.resources.notebook_dir`; ``cnp-notebooks DIR`` copies them into DIR).
+NOTEBOOK_DIR = notebook_dir()
 RUN_NOTEBOOKS = ("01_warmup.ipynb", "02_augment.ipynb", "03_ablate.ipynb", "04_prune.ipynb", "05_evaluate.ipynb")
 FIGURES_NOTEBOOK = "06_figures.ipynb"
 KERNEL = "cnp"
