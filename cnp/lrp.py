@@ -38,11 +38,12 @@ import torch
 from torch import nn
 from zennit.composites import Composite
 from zennit.core import BasicHook, Hook, ParamMod
+from zennit.layer import Sum
 from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 
 from cnp.data.splits import input_bounds
 from cnp.io import CNPError
-from cnp.models import get_layer, qualified_name
+from cnp.models import get_layer, resolve_layer_name
 
 VARIANTS = ("alpha1beta0", "epsilon", "gamma")
 
@@ -103,8 +104,12 @@ def _parse_spec(spec: str) -> tuple[str, float | None]:
     return name, value
 
 
-def make_rule(spec: str, cfg: LRPConfig, device=None) -> Hook:
-    """A zennit rule from a spec string (see :class:`LRPConfig`)."""
+def make_rule(spec: str, cfg: LRPConfig, device=None, bounds=None) -> Hook:
+    """A zennit rule from a spec string (see :class:`LRPConfig`).
+
+    ``bounds``: ``(low, high)`` input bounds of the ``zbox`` rule (tensors broadcastable to the
+    input); default: the pixel range 0..1 after ImageNet normalisation.
+    """
     name, value = _parse_spec(spec)
     zp = "bias" if cfg.zero_bias else None
     if name in ("alpha1beta0", "zplus"):
@@ -120,7 +125,7 @@ def make_rule(spec: str, cfg: LRPConfig, device=None) -> Hook:
     if name == "gamma":
         return Gamma(gamma=cfg.gamma if value is None else value, stabilizer=cfg.stabilizer, zero_params=zp)
     if name == "zbox":
-        low, high = input_bounds(device)
+        low, high = input_bounds(device) if bounds is None else (torch.as_tensor(b, device=device) for b in bounds)
         return ZBox(low=low, high=high, stabilizer=cfg.stabilizer, zero_params=zp)
     if name == "flat":
         return Flat(stabilizer=cfg.stabilizer, zero_params=zp)
@@ -274,7 +279,7 @@ def attach_site(model: nn.Module, layer: str, site: ContextSite) -> ContextSite:
         raise CNPError(f"the model already has a {site.site_attr}; remove it first")
     model.add_module(site.site_attr, site)
     object.__setattr__(site, "_host", host)  # a plain reference, not a submodule
-    site.layer_name = qualified_name(layer)
+    site.layer_name = resolve_layer_name(model, layer)
     site._handle = host.register_forward_hook(site._forward_hook)
     param = next(model.parameters(), None)
     if param is not None:
@@ -315,17 +320,112 @@ class Attribution:
     layer_relevance: dict[str, torch.Tensor]
 
 
-def _leaf_call_order(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
+def auto_canonizers(model: nn.Module) -> list:
+    """zennit's canonizers for ``model``: what :class:`LRP` applies with ``canonizers='auto'``.
+
+    A torchvision ResNet gets :class:`zennit.torchvision.ResNetCanonizer` (BatchNorm merged into
+    the convolutions, the residual additions made explicit :class:`zennit.layer.Sum` modules); any
+    other model with BatchNorm gets :class:`zennit.canonizers.SequentialMergeBatchNorm` (a
+    BatchNorm registered right after a convolution or linear layer is merged into it, as in
+    torchvision's ``vgg16_bn``); a model without BatchNorm (the paper's VGG-16) gets none.
+    """
+    from torchvision.models import ResNet
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.torchvision import ResNetCanonizer
+
+    if isinstance(model, ResNet):
+        return [ResNetCanonizer()]
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return [SequentialMergeBatchNorm()]
+    return []
+
+
+def _flat_tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, list | tuple):
+        return [t for o in obj for t in _flat_tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _flat_tensors(o)]
+    return []
+
+
+class _ForeignUse(torch.overrides.TorchFunctionMode):
+    """Records tensor-producing torch calls outside leaf modules that read a followed tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0
+        # id -> (tensor, site); the tensor is held so that its id is not reused during the pass
+        self.followed: dict[int, tuple[torch.Tensor, ContextSite]] = {}
+        self.foreign: list[tuple[str, ContextSite]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.depth == 0 and self.followed and isinstance(out, torch.Tensor):
+            for t in _flat_tensors((args, kwargs)):
+                hit = self.followed.get(id(t))
+                if hit is not None and hit[0] is t:
+                    self.foreign.append((getattr(func, "__name__", str(func)), hit[1]))
+                    break
+        return out
+
+
+def _trace(model: nn.Module, x: torch.Tensor, passthrough) -> tuple[list[nn.Module], dict[ContextSite, list[nn.Module]]]:
+    """Leaf modules in call order, and the modules that read each context site's output.
+
+    One forward pass on ``x[:1]``. A site's output is *followed* through modules that LRP passes
+    by their gradient (``passthrough(module)`` is True: max pooling, dropout, merged BatchNorm, any
+    module without a rule); the first other modules
+    that read a followed tensor are the site's consumers. A followed tensor read by a torch
+    function outside any module (e.g. a residual ``x + identity`` or ``torch.stack``) cannot carry
+    contexts and raises :class:`CNPError`.
+    """
     order: list[nn.Module] = []
-    handles = [m.register_forward_pre_hook(lambda mod, inp: order.append(mod))
-               for m in model.modules() if len(list(m.children())) == 0 or isinstance(m, ContextSite)]
+    sites = find_sites(model)
+    readers: dict[ContextSite, list[nn.Module]] = {s: [] for s in sites}
+    mode = _ForeignUse()
+    leaves = [m for m in model.modules() if len(list(m.children())) == 0 or isinstance(m, ContextSite)]
+
+    def pre(mod, inp):
+        order.append(mod)
+        for t in _flat_tensors(inp):
+            hit = mode.followed.get(id(t))
+            if hit is not None and hit[0] is t:
+                readers[hit[1]].append(mod)
+                break
+        mode.depth += 1
+
+    def post(mod, inp, out):
+        mode.depth -= 1
+        if isinstance(mod, ContextSite):
+            for t in _flat_tensors(out):
+                mode.followed[id(t)] = (t, mod)
+            return
+        src = next((mode.followed[id(t)][1] for t in _flat_tensors(inp)
+                    if id(t) in mode.followed and mode.followed[id(t)][0] is t), None)
+        if src is not None and passthrough(mod):
+            readers[src].remove(mod)
+            for t in _flat_tensors(out):
+                mode.followed[id(t)] = (t, src)
+
+    handles = [m.register_forward_pre_hook(pre) for m in leaves]
+    handles += [m.register_forward_hook(post) for m in leaves]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), mode:
             model(x[:1])
     finally:
         for h in handles:
             h.remove()
-    return order
+    if mode.foreign:
+        func, site = mode.foreign[0]
+        raise CNPError(
+            f"the output of the concept layer at {site.layer_name!r} is also read by {func}() outside any "
+            "module (e.g. a residual skip connection), where LRP cannot pass contexts; place the layer at "
+            "the output of a stage whose next block starts with convolutions on every branch (e.g. "
+            "'layer3' of a torchvision ResNet, 'relu4_3' of VGG-16)")
+    return order, readers
 
 
 class LRP:
@@ -334,9 +434,16 @@ class LRP:
     Parameters
     ----------
     model : nn.Module
-        Any model of Conv2d / Linear / ReLU / pooling layers (VGG-16 here); used in eval mode.
+        A CNN of Conv2d / Linear / ReLU / pooling / BatchNorm layers (the paper's VGG-16,
+        torchvision's VGG family with or without BatchNorm, ResNets); used in eval mode.
     config : LRPConfig
         Rules.
+    canonizers : 'auto', None or list of zennit canonizers
+        Applied for each pass and reverted after it. ``'auto'``: :func:`auto_canonizers`
+        (BatchNorm merging; zennit's ResNet canonizer for torchvision ResNets).
+    input_bounds : (low, high), optional
+        Bounds of the normalised input for the first layer's ZBox rule, tensors broadcastable to
+        the input (default: pixels 0..1 after ImageNet normalisation).
 
     Examples
     --------
@@ -345,10 +452,13 @@ class LRP:
     >>> out.input_relevance.sum((1, 2, 3))  # ~= out.target_logit
     """
 
-    def __init__(self, model: nn.Module, config: LRPConfig | None = None) -> None:
+    def __init__(self, model: nn.Module, config: LRPConfig | None = None, *, canonizers="auto",
+                 input_bounds=None) -> None:
         self.model = model
         self.config = config or LRPConfig()
-        self._overrides = {qualified_name(k): v for k, v in dict(self.config.overrides).items()}
+        self.canonizers = canonizers
+        self.input_bounds = input_bounds
+        self._overrides = {resolve_layer_name(model, k): v for k, v in dict(self.config.overrides).items()}
 
     def _rule_for(self, name: str, module: nn.Module, first: nn.Module | None, device) -> Hook | None:
         cfg = self.config
@@ -359,14 +469,14 @@ class LRP:
             if _parse_spec(spec)[0] == "pass" and isinstance(module, nn.Conv2d | nn.Linear):
                 raise CNPError(f"rule {spec!r} cannot be used on {name} ({type(module).__name__}): it changes "
                                "the number of channels; use alpha1beta0, epsilon, gamma, zbox or flat")
-            return make_rule(spec, cfg, device)
+            return make_rule(spec, cfg, device, self.input_bounds)
         if isinstance(module, nn.Conv2d | nn.Linear) and module is first and cfg.first_layer != "same":
-            return make_rule(cfg.first_layer, cfg, device)
+            return make_rule(cfg.first_layer, cfg, device, self.input_bounds)
         if isinstance(module, nn.Conv2d):
             return make_rule(cfg.variant, cfg, device)
         if isinstance(module, nn.Linear):
             return make_rule(f"epsilon:{cfg.linear_epsilon}", cfg, device)
-        if isinstance(module, nn.AvgPool2d | nn.AdaptiveAvgPool2d):
+        if isinstance(module, nn.AvgPool2d | nn.AdaptiveAvgPool2d | Sum):
             return Norm(stabilizer=cfg.stabilizer)
         if isinstance(module, nn.ReLU):
             return Pass()
@@ -399,26 +509,53 @@ class LRP:
         was_training = model.training
         model.eval()
         device = x.device
-        order = _leaf_call_order(model, x)
+        canonizers = [inst for c in self._canonizers() for inst in c.apply(model)]
+        try:
+            return self._attribute(x, target, filters, layers, input_relevance, want_signed, want_abs,
+                                   was_training)
+        finally:
+            for inst in canonizers:
+                inst.remove()
+
+    def _canonizers(self) -> list:
+        if isinstance(self.canonizers, str):
+            if self.canonizers != "auto":
+                raise CNPError(f"canonizers must be 'auto', None or a list of zennit canonizers, "
+                               f"got {self.canonizers!r}")
+            return auto_canonizers(self.model)
+        return list(self.canonizers or [])
+
+    def _attribute(self, x, target, filters, layers, input_relevance, want_signed, want_abs,
+                   was_training) -> Attribution:
+        model = self.model
+        device = x.device
         named = {m: n for n, m in model.named_modules()}
+
+        def passthrough(m):  # LRP passes these by their gradient (no rule)
+            return not isinstance(m, ContextSite) and self._rule_for(named.get(m, ""), m, None, device) is None
+
+        order, readers = _trace(model, x, passthrough)
         first = next((m for m in order if isinstance(m, nn.Conv2d | nn.Linear)), None)
         rules: dict[nn.Module, Hook | None] = {
             m: self._rule_for(named.get(m, ""), m, first, device) for m in set(order)
         }
-        # the first BasicHook-ruled module after each active site emits contexts
+        # every ruled module that reads an active site's output (through gradient-passing modules
+        # such as max pooling) emits contexts; with several readers (e.g. the two branches of a
+        # ResNet block) the site receives the sum of their contexts
         context_modules = set()
-        for i, m in enumerate(order):
-            if isinstance(m, ContextSite):
-                for m2 in order[i + 1:]:
-                    if isinstance(m2, ContextSite):
-                        raise CNPError("two concept sites follow each other (e.g. contexts() on a model whose "
-                                       "virtual layer is enabled at that layer): bypass or remove it first")
-                    if isinstance(rules.get(m2), BasicHook):
-                        context_modules.add(m2)
-                        break
-                    if isinstance(m2, nn.ReLU):
-                        raise CNPError("a ReLU follows the DRSA layer: place the concept layer after the "
-                                       "activation (e.g. 'relu4_3'), not after the convolution")
+        for site, mods in readers.items():
+            for m2 in mods:
+                if isinstance(m2, ContextSite):
+                    raise CNPError("two concept sites follow each other (e.g. contexts() on a model whose "
+                                   "virtual layer is enabled at that layer): bypass or remove it first")
+                if isinstance(m2, nn.ReLU):
+                    raise CNPError("a ReLU follows the DRSA layer: place the concept layer after the "
+                                   "activation (e.g. 'relu4_3'), not after the convolution")
+                if not isinstance(rules.get(m2), BasicHook):
+                    raise CNPError(f"the concept layer at {site.layer_name!r} is read by {named.get(m2, '?')} "
+                                   f"({type(m2).__name__}), whose LRP rule cannot give context vectors; "
+                                   "place the layer where convolutions, linear or pooling layers read it")
+                context_modules.add(m2)
 
         def module_map(ctx, name, module):
             rule = rules.get(module)
@@ -427,8 +564,8 @@ class LRP:
             return ContextHook.wrap(rule) if module in context_modules else rule
 
         composite = Composite(module_map=module_map)
-        layer_names = [qualified_name(n) for n in layers]
-        layer_mods = {qualified_name(n): get_layer(model, n) for n in layers}
+        layer_names = [resolve_layer_name(model, n) for n in layers]
+        layer_mods = {resolve_layer_name(model, n): get_layer(model, n) for n in layers}
         store_filters: dict[str, torch.Tensor] = {}
         store_filters_abs: dict[str, torch.Tensor] = {}
         store_layers: dict[str, torch.Tensor] = {}

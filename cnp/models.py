@@ -6,8 +6,9 @@ embedded benchmark's reduced-width network and in the ImageNet-pretrained VGG-16
 torchvision's state dicts load unchanged. Widths are per conv layer, so a structurally pruned
 network is again a :class:`VGG` (its architecture is recorded in :attr:`VGG.arch`).
 
-Layer names accepted everywhere in ``cnp``: the paper's (``conv4_3``, ``relu4_3``, ``pool4``,
-``fc6`` ...) or torchvision's qualified names (``features.21``).
+Layer names accepted everywhere in ``cnp``: any module name of the model
+(``model.named_modules()``: ``features.21``, ``layer3``) and, for the VGG-16 layout, the paper's
+names (``conv4_3``, ``relu4_3``, ``pool4``, ``fc6`` ...).
 """
 
 from __future__ import annotations
@@ -204,13 +205,35 @@ def paper_name(name: str) -> str:
     return _QUALIFIED_TO_PAPER[qualified_name(name)]
 
 
-def get_layer(model: nn.Module, name: str) -> nn.Module:
-    """The submodule of ``model`` called ``name`` (paper or qualified name)."""
-    q = qualified_name(name)
+def resolve_layer_name(model: nn.Module, name: str) -> str:
+    """The qualified name, in ``model``, of the layer called ``name``.
+
+    Any module name of ``model.named_modules()`` is accepted as it is (``layer3``, ``features.22``,
+    ``layer4.1.conv2``); for a VGG-16 layout the paper's names (``conv4_3``, ``relu4_3``) are
+    mapped to torchvision's (``features.21``).
+
+    Raises
+    ------
+    CNPError
+        When ``model`` has no such module; the message lists names that exist.
+    """
     modules = dict(model.named_modules())
-    if q not in modules:
-        raise CNPError(f"layer {name!r} ({q}) does not exist in this model")
-    return modules[q]
+    if name and name in modules:
+        return name
+    if name in LAYER_NAMES and LAYER_NAMES[name] in modules:
+        return LAYER_NAMES[name]
+    names = [n for n, m in model.named_modules() if n and not n.startswith("cnp_")]
+    if name in LAYER_NAMES:
+        hint = f"{name!r} is a VGG-16 name, but {LAYER_NAMES[name]} does not exist in this model"
+    else:
+        hint = f"this model has no module called {name!r}"
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    raise CNPError(f"unknown layer name {name!r}: {hint}; use a name from model.named_modules(), e.g. {shown}")
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule of ``model`` called ``name`` (a module name, or a VGG-16 paper name)."""
+    return dict(model.named_modules())[resolve_layer_name(model, name)]
 
 
 @torch.no_grad()
@@ -261,8 +284,15 @@ def count_params(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def count_macs(model: VGG, image_size: int) -> int:
-    """Multiply-accumulates of one forward pass at ``image_size`` (convs and linears)."""
+def count_macs(model: nn.Module, image_size: int) -> int:
+    """Multiply-accumulates of one forward pass at ``image_size`` (convs and linears).
+
+    For a :class:`VGG` from its widths; for any other model from one forward pass of a zero
+    image with hooks on its Conv2d and Linear layers (context sites attached to the model are
+    not counted: their cost is reported separately, e.g. :meth:`cnp.virtual_layer.KeptAblation.extra_macs`).
+    """
+    if not isinstance(model, VGG):
+        return _traced_macs(model, image_size)
     macs = 0
     h = w = image_size
     for m in model.features:
@@ -274,6 +304,43 @@ def count_macs(model: VGG, image_size: int) -> int:
         if isinstance(m, nn.Linear):
             macs += m.in_features * m.out_features
     return int(macs)
+
+
+@torch.no_grad()
+def _traced_macs(model: nn.Module, image_size: int) -> int:
+    total = [0]
+
+    def conv_hook(m, inp, out):
+        k = m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups)
+        total[0] += int(out[0].numel()) * k
+
+    def linear_hook(m, inp, out):
+        total[0] += int(out[0].numel()) * m.in_features
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    p = next(model.parameters())
+    conv0 = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = conv0.in_channels if conv0 is not None else 3
+    sites = [m for m in model.modules() if hasattr(m, "site_attr") and hasattr(m, "enabled")]
+    was_enabled = [s.enabled for s in sites]
+    was = model.training
+    model.eval()
+    try:
+        for s in sites:
+            s.enabled = False
+        model(torch.zeros(1, channels, image_size, image_size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        for s, e in zip(sites, was_enabled):
+            s.enabled = e
+        model.train(was)
+    return int(total[0])
 
 
 # ---------------------------------------------------------------------- checkpoints

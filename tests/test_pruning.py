@@ -502,8 +502,8 @@ def test_resume_gives_the_uninterrupted_result(tiny_vgg, tiny_pair, random_U, tm
 
     real_save = schedule._save
 
-    def save_then_die(path, key, model, vl, curve, timings, step, done):
-        real_save(path, key, model, vl, curve, timings, step, done)
+    def save_then_die(path, key, model, vl, curve, timings, step, done, **kw):
+        real_save(path, key, model, vl, curve, timings, step, done, **kw)
         if step == 1:
             raise _Interrupted
 

@@ -36,6 +36,7 @@ norm of the filter weights, normalised the same way) and ``random``.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from cnp.data.splits import Split, normalize_images
 from cnp.io import CNPError
@@ -47,10 +48,29 @@ CRITERIA = ("lrp", "l1", "random")
 AGGREGATIONS = ("abs", "abs_of_sum", "signed")
 
 
-def lrp_filter_scores(model: VGG, split: Split, *, target: int = 1, ranking_data: str = "pos",
+def _members(model: nn.Module, members: list[list[str]] | None) -> list[list[str]]:
+    if members is not None:
+        return members
+    if isinstance(model, VGG):
+        names = {m: n for n, m in model.named_modules()}
+        return [[names[c]] for c in model.convs]
+    from cnp.pruning.structure import prunable_structure
+
+    return prunable_structure(model).members
+
+
+def lrp_filter_scores(model: nn.Module, split: Split, *, target: int = 1, ranking_data: str = "pos",
                       aggregation: str = "signed", lrp_config: LRPConfig | None = None, batch_size: int = 64,
-                      device: torch.device | str = "cpu", verbose: bool = False) -> list[torch.Tensor]:
-    """LRP relevance of every filter of the 13 convs, aggregated over ``split`` (see module doc)."""
+                      device: torch.device | str = "cpu", verbose: bool = False,
+                      members: list[list[str]] | None = None, lrp: LRP | None = None) -> list[torch.Tensor]:
+    """LRP relevance of every filter, aggregated over ``split`` (see the module docstring).
+
+    ``members``: per channel group, the convolutions whose output channels it holds (a
+    :class:`~cnp.pruning.structure.GraphStructure`'s ``members``); a group's score per channel is
+    the sum over its members. Default: one group per conv of a :class:`~cnp.models.VGG`, else
+    the groups of :func:`~cnp.pruning.structure.prunable_structure`. ``lrp``: an :class:`LRP` to
+    use (e.g. with your own canonizers or input bounds) instead of ``LRP(model, lrp_config)``.
+    """
     if ranking_data not in ("pos", "pos+neg"):
         raise CNPError(f"ranking_data must be 'pos' or 'pos+neg', got {ranking_data!r}")
     if aggregation not in AGGREGATIONS:
@@ -64,33 +84,39 @@ def lrp_filter_scores(model: VGG, split: Split, *, target: int = 1, ranking_data
     # accumulated there (float64): no host transfer or synchronisation per batch
     images = split.device_images(device)
     index = index.to(images.device)
-    lrp = LRP(model, lrp_config)
-    names = {m: n for n, m in model.named_modules()}
-    conv_names = [names[c] for c in model.convs]
-    totals = [torch.zeros(c.out_channels, dtype=torch.float64, device=device) for c in model.convs]
+    lrp = lrp if lrp is not None else LRP(model, lrp_config)
+    groups = _members(model, members)
+    modules = dict(model.named_modules())
+    totals = [torch.zeros(modules[g[0]].out_channels, dtype=torch.float64, device=device) for g in groups]
     which = "abs" if aggregation == "abs" else "signed"
     for start in progress(range(0, index.numel(), batch_size), desc="LRP ranking", disable=not verbose):
         x = normalize_images(images[index[start:start + batch_size]], device)
         out = lrp.attribute(x, target, filters=which, input_relevance=False)
-        for i, n in enumerate(conv_names):
-            if aggregation == "abs":
-                v = out.filter_relevance_abs[n].sum(0)
-            elif aggregation == "abs_of_sum":
-                v = out.filter_relevance[n].abs().sum(0)
-            else:
-                v = out.filter_relevance[n].sum(0)
-            totals[i] += v.double()
+        for i, group in enumerate(groups):
+            for n in group:
+                if aggregation == "abs":
+                    v = out.filter_relevance_abs[n].sum(0)
+                elif aggregation == "abs_of_sum":
+                    v = out.filter_relevance[n].abs().sum(0)
+                else:
+                    v = out.filter_relevance[n].sum(0)
+                totals[i] += v.double()
     return [t.cpu() for t in totals]
 
 
-def l1_filter_scores(model: VGG) -> list[torch.Tensor]:
-    """L1 norm of each filter's weights."""
-    return [c.weight.detach().abs().flatten(1).sum(1).double().cpu() for c in model.convs]
+def l1_filter_scores(model: nn.Module, members: list[list[str]] | None = None) -> list[torch.Tensor]:
+    """L1 norm of each filter's weights (per channel group: summed over the group's convolutions)."""
+    modules = dict(model.named_modules())
+    return [sum(modules[n].weight.detach().abs().flatten(1).sum(1).double().cpu() for n in g)
+            for g in _members(model, members)]
 
 
-def random_filter_scores(model: VGG, generator: torch.Generator) -> list[torch.Tensor]:
+def random_filter_scores(model: nn.Module, generator: torch.Generator,
+                         members: list[list[str]] | None = None) -> list[torch.Tensor]:
     """Uniform random scores (selection uniformly at random among prunable filters)."""
-    return [torch.rand(c.out_channels, generator=generator, dtype=torch.float64) for c in model.convs]
+    modules = dict(model.named_modules())
+    return [torch.rand(modules[g[0]].out_channels, generator=generator, dtype=torch.float64)
+            for g in _members(model, members)]
 
 
 NORMALISATIONS = ("sum", "mean", "none")
@@ -183,17 +209,18 @@ def select_filters(scores: list[torch.Tensor], n_remove: int, protected: set[int
     return {li: filt_ids[pick[pick_layers == li]].sort().values for li in layers}
 
 
-def filter_scores(model: VGG, criterion: str, split: Split | None = None,
-                  generator: torch.Generator | None = None, **lrp_kwargs) -> list[torch.Tensor]:
-    """Scores of every filter by ``criterion`` (``lrp``, ``l1`` or ``random``)."""
+def filter_scores(model: nn.Module, criterion: str, split: Split | None = None,
+                  generator: torch.Generator | None = None, members: list[list[str]] | None = None,
+                  **lrp_kwargs) -> list[torch.Tensor]:
+    """Scores of every filter (channel group) by ``criterion`` (``lrp``, ``l1`` or ``random``)."""
     if criterion == "lrp":
         if split is None:
             raise CNPError("the LRP criterion needs a ranking split")
-        return lrp_filter_scores(model, split, **lrp_kwargs)
+        return lrp_filter_scores(model, split, members=members, **lrp_kwargs)
     if criterion == "l1":
-        return l1_filter_scores(model)
+        return l1_filter_scores(model, members)
     if criterion == "random":
-        return random_filter_scores(model, generator or torch.Generator().manual_seed(0))
+        return random_filter_scores(model, generator or torch.Generator().manual_seed(0), members)
     raise CNPError(f"unknown ranking criterion {criterion!r}; use one of {CRITERIA}")
 
 

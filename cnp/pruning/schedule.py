@@ -35,7 +35,7 @@ from cnp.data.splits import PairData
 from cnp.evaluate import subgroup_accuracy, subgroup_accuracy_with_site, wm_relevance_shares
 from cnp.io import CNPError, atomic_torch_save, recipe_hash, safe_torch_load, tensor_hash
 from cnp.lrp import LRPConfig
-from cnp.models import VGG, count_macs, count_params, get_layer, vgg_from_arch
+from cnp.models import VGG, count_macs, count_params, get_layer
 from cnp.pruning.penalty import ConceptPenalty
 from cnp.pruning.ranking import (
     AGGREGATIONS,
@@ -44,7 +44,7 @@ from cnp.pruning.ranking import (
     protected_indices,
     select_filters,
 )
-from cnp.pruning.surgery import remove_filters
+from cnp.pruning.structure import VGGStructure, prunable_structure
 from cnp.runtime import progress
 from cnp.training import make_optimizer, train_epoch
 from cnp.virtual_layer import (
@@ -248,13 +248,14 @@ class PruneConfig:
 class PruneResult:
     """A finished schedule: the pruned model (virtual layer removed), its curve and timings."""
 
-    model: VGG
+    model: torch.nn.Module
     curve: list[dict]
     timings: dict[str, float]
     method: str
 
 
-def _evaluate(model: VGG, data: PairData, cfg: PruneConfig, device, image_size: int, keep: bool = False) -> dict:
+def _evaluate(model: torch.nn.Module, data: PairData, cfg: PruneConfig, device, image_size: int, keep: bool = False,
+              filters: int | None = None) -> dict:
     """One curve entry, measured on the deployable network: without the virtual layer (the paper
     removes it at the end), or with the ablation for a method that keeps it (``keep``, or a model
     that carries a :class:`~cnp.virtual_layer.KeptAblation`). The other variant is reported beside
@@ -283,7 +284,7 @@ def _evaluate(model: VGG, data: PairData, cfg: PruneConfig, device, image_size: 
             "wm_relevance_share_by_subgroup": shares,
             "params": count_params(model) + extra_params,
             "macs": count_macs(model, image_size) + extra_macs,
-            "filters": int(sum(model.conv_widths)),
+            "filters": int(sum(model.conv_widths)) if filters is None else int(filters),
         }
     finally:
         if site is not None:
@@ -295,7 +296,7 @@ def _evaluate(model: VGG, data: PairData, cfg: PruneConfig, device, image_size: 
     return entry
 
 
-def _kept_extra(model: VGG, vl: VirtualLayer | None, image_size: int) -> tuple[int, int]:
+def _kept_extra(model: torch.nn.Module, vl: VirtualLayer | None, image_size: int) -> tuple[int, int]:
     """(MACs per image, stored numbers) that the deployed concept correction adds: the kept
     ablation's, or that of the low-rank equivalent of ``vl`` (a keeping method's virtual layer,
     kept at the end); (0, 0) without either."""
@@ -309,18 +310,33 @@ def _kept_extra(model: VGG, vl: VirtualLayer | None, image_size: int) -> tuple[i
     return kept.extra_macs(h, h), kept.extra_params()
 
 
-def _feature_size(model: VGG, host, image_size: int) -> int:
-    """Side of the (square) feature map that ``host`` (a layer of ``model.features``) outputs."""
-    h = image_size
-    for m in model.features:
-        if isinstance(m, torch.nn.MaxPool2d):
-            h //= 2
-        if m is host:
-            return h
-    raise CNPError("the concept layer's host is not a layer of model.features")
+def _feature_size(model: torch.nn.Module, host, image_size: int) -> int:
+    """Side of the (square) feature map that ``host`` outputs at ``image_size``."""
+    if isinstance(model, VGG):
+        h = image_size
+        for m in model.features:
+            if isinstance(m, torch.nn.MaxPool2d):
+                h //= 2
+            if m is host:
+                return h
+        raise CNPError("the concept layer's host is not a layer of model.features")
+    sizes: list[int] = []
+    handle = host.register_forward_hook(lambda m, i, o: sizes.append(int(o.shape[-1])))
+    p = next(model.parameters())
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
+    finally:
+        handle.remove()
+        model.train(was)
+    if not sizes:
+        raise CNPError("the concept layer's host was not reached in a forward pass")
+    return sizes[0]
 
 
-def _finetune(model: VGG, data: PairData, cfg: PruneConfig, epochs: int, seed_parts, device,
+def _finetune(model: torch.nn.Module, data: PairData, cfg: PruneConfig, epochs: int, seed_parts, device,
               use_vl: bool, verbose: bool, penalty: ConceptPenalty | None = None) -> None:
     if epochs == 0:
         return
@@ -360,7 +376,7 @@ def reidentify_by_overlap(old_U: torch.Tensor, new_U: torch.Tensor, old_ablated,
     return sorted(sorted(range(K), key=lambda j: -ov[j])[: len(old_ablated)])
 
 
-def _recompute_concepts(model: VGG, vl: VirtualLayer, data: PairData, cfg: PruneConfig, seed: int,
+def _recompute_concepts(model: torch.nn.Module, vl: VirtualLayer, data: PairData, cfg: PruneConfig, seed: int,
                         step: int, device, verbose: bool) -> dict:
     """Refit DRSA warm-started from the current U and re-identify the ablated subspaces.
 
@@ -402,7 +418,7 @@ def _recompute_concepts(model: VGG, vl: VirtualLayer, data: PairData, cfg: Prune
 
 
 def run_pruning(
-    model: VGG,
+    model: torch.nn.Module,
     data: PairData,
     method: str = "cnp",
     config: PruneConfig | None = None,
@@ -417,8 +433,10 @@ def run_pruning(
 
     Parameters
     ----------
-    model : VGG
-        The warmed-up binary model (not modified; a copy is pruned).
+    model : nn.Module
+        The warmed-up binary model (not modified; a copy is pruned): the paper's
+        :class:`~cnp.models.VGG` or any CNN that Torch-Pruning can trace (torchvision's VGG
+        family, ResNets; see :mod:`cnp.pruning.structure`).
     data : PairData
         ``train`` (fine-tuning), ``rank`` (ranking), ``drsa`` (recomputation), ``val``/``test``.
     method : str
@@ -445,15 +463,17 @@ def run_pruning(
     image_size = data.image_size
     model = copy.deepcopy(model).to(device).eval()
     remove_virtual_layer(model)
-    protect = protected_indices(model, cfg.protect)
+    struct = prunable_structure(model, image_size)
+    protect = _protected(struct, cfg.protect)
     for name in cfg.freeze:
         get_layer(model, name)
     if spec.concept:
-        _check_site_protected(model, concept_state["layer"], protect)
-    n_prunable = sum(w for i, w in enumerate(model.conv_widths) if i not in protect)
-    n_all = sum(model.conv_widths)
+        _check_site_protected(struct, concept_state["layer"], protect)
+    widths = struct.widths
+    n_prunable = sum(w for i, w in enumerate(widths) if i not in protect)
+    n_all = sum(widths)
     n_basis = n_all if cfg.rate_of == "all" else n_prunable
-    if int(round(cfg.target * n_basis)) > n_prunable - (len(model.conv_widths) - len(protect)):
+    if int(round(cfg.target * n_basis)) > n_prunable - (len(widths) - len(protect)):
         raise CNPError(f"a target of {cfg.target:.0%} of {'all' if cfg.rate_of == 'all' else 'the prunable'} "
                        f"{n_basis} filters cannot be reached: only {n_prunable} filters are prunable "
                        f"(one is kept per layer); lower target or use rate_of='prunable'")
@@ -477,9 +497,14 @@ def run_pruning(
         vl = from_state(model, concept_state)
     resumed = _try_resume(ckpt, key, verbose)
     if resumed is not None:
-        model = vgg_from_arch(resumed["arch"]).to(device)
+        remove_virtual_layer(model)
+        if isinstance(struct, VGGStructure):
+            model = struct.rebuild(resumed["arch"]).to(device)
+        else:
+            model = struct.rebuild(resumed["arch"], model, torch.zeros(1, 3, image_size, image_size, device=device))
         model.load_state_dict(resumed["state_dict"])
         model.eval()
+        struct = prunable_structure(model, image_size)
         vl = None
         if resumed.get("vl") is not None:
             vl = from_state(model, resumed["vl"])
@@ -496,9 +521,9 @@ def run_pruning(
     if not curve:
         t0 = time.perf_counter()
         curve.append({"step": 0, "pruned": 0.0, "pruned_of_all": 0.0, "pruned_of_prunable": 0.0, "stage": "step",
-                      **_evaluate(model, data, cfg, device, image_size, keep=spec.keep)})
+                      **_evaluate(model, data, cfg, device, image_size, keep=spec.keep, filters=sum(struct.widths))})
         tick("evaluate", t0)
-    removed_total = n_prunable - sum(w for i, w in enumerate(model.conv_widths) if i not in protect)
+    removed_total = n_prunable - sum(w for i, w in enumerate(struct.widths) if i not in protect)
     steps = range(start_step, cfg.n_steps + 1)
     for s in progress(steps, desc=f"prune [{method}]", disable=not verbose, initial=start_step - 1,
                       total=cfg.n_steps):
@@ -510,7 +535,7 @@ def run_pruning(
         criterion = spec.criterion
         scores = filter_scores(
             model, criterion, data["rank"],
-            generator=torch.Generator().manual_seed(seed * 1000 + s),
+            generator=torch.Generator().manual_seed(seed * 1000 + s), members=struct.members,
             **({"ranking_data": cfg.ranking_data, "aggregation": cfg.aggregation, "lrp_config": cfg.lrp,
                 "device": device} if criterion == "lrp" else {}),
         )
@@ -518,7 +543,7 @@ def run_pruning(
         t0 = time.perf_counter()
         chosen = select_filters(scores, n_remove, protect, normalise=criterion != "random",
                                 normalisation=cfg.normalisation)
-        remove_filters(model, chosen)
+        struct.remove(chosen)
         removed_total = goal
         tick("remove", t0)
         t0 = time.perf_counter()
@@ -534,11 +559,12 @@ def run_pruning(
         t0 = time.perf_counter()
         entry = {"step": s, "pruned": removed_total / n_basis, "pruned_of_all": removed_total / n_all,
                  "pruned_of_prunable": removed_total / n_prunable, "stage": "step",
-                 **_evaluate(model, data, cfg, device, image_size, keep=spec.keep), **extra}
+                 **_evaluate(model, data, cfg, device, image_size, keep=spec.keep, filters=sum(struct.widths)),
+                 **extra}
         tick("evaluate", t0)
         curve.append(entry)
         t0 = time.perf_counter()
-        _save(ckpt, key, model, vl, curve, timings, s, done=False)
+        _save(ckpt, key, model, vl, curve, timings, s, done=False, arch=struct.arch)
         if ckpt is not None:
             tick("checkpoint", t0)
     # end of schedule: remove the augmented layers permanently (a keeping method keeps the ablation
@@ -556,9 +582,9 @@ def run_pruning(
     curve.append({"step": cfg.n_steps + 1, "pruned": curve[-1]["pruned"],
                   "pruned_of_all": curve[-1].get("pruned_of_all"),
                   "pruned_of_prunable": curve[-1].get("pruned_of_prunable"), "stage": "final",
-                  **_evaluate(model, data, cfg, device, image_size)})
+                  **_evaluate(model, data, cfg, device, image_size, filters=sum(struct.widths))})
     tick("evaluate", t0)
-    _save(ckpt, key, model, None, curve, timings, cfg.n_steps + 1, done=True, kept=kept)
+    _save(ckpt, key, model, None, curve, timings, cfg.n_steps + 1, done=True, kept=kept, arch=struct.arch)
     return PruneResult(model, curve, timings, method)
 
 
@@ -568,29 +594,32 @@ def _penalty(vl: VirtualLayer, cfg: PruneConfig) -> ConceptPenalty:
     return ConceptPenalty(W, vl.layer_name, cfg.rr_lambda)
 
 
-def _check_site_protected(model: VGG, layer: str, protect: set[int]) -> None:
-    """The conv feeding the virtual layer (e.g. conv4_3 for relu4_3) must never be pruned."""
-    host = get_layer(model, layer)
-    feeding = None
-    for m in model.features:
-        if isinstance(m, torch.nn.Conv2d):
-            feeding = m
-        if m is host:
-            break
-    if feeding is None:
+def _protected(struct, names) -> set[int]:
+    """Indices of the protected channel groups (a VGG's convs by name; any model: the group of
+    the named layer, or of the conv that feeds it)."""
+    if isinstance(struct, VGGStructure):
+        return protected_indices(struct.model, names)
+    return {struct.group_of(n) for n in names}
+
+
+def _check_site_protected(struct, layer: str, protect: set[int]) -> None:
+    """The channels feeding the virtual layer (e.g. conv4_3 for relu4_3) must never be pruned."""
+    try:
+        idx = struct.group_of(layer)
+    except CNPError:
         return
-    idx = next(i for i, c in enumerate(model.convs) if c is feeding)
     if idx not in protect:
-        raise CNPError(f"the conv feeding the virtual layer at {layer} (conv index {idx}) must be in protect "
-                       f"(e.g. protect=('conv4_3',)); pruning it would change the subspaces' dimension")
+        raise CNPError(f"the conv feeding the virtual layer at {layer} (group {idx}, {struct.names[idx]}) must be in "
+                       f"protect (e.g. protect=('conv4_3',) or the layer itself); pruning it would change the "
+                       "subspaces' dimension")
 
 
-def _save(path: Path | None, key: str, model: VGG, vl: VirtualLayer | None, curve, timings, step: int,
-          done: bool, kept=None) -> None:
+def _save(path: Path | None, key: str, model: torch.nn.Module, vl: VirtualLayer | None, curve, timings, step: int,
+          done: bool, kept=None, arch=None) -> None:
     if path is None:
         return
     blob = {
-        "key": key, "step": step, "done": done, "arch": model.arch,
+        "key": key, "step": step, "done": done, "arch": arch if arch is not None else model.arch,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "vl": vl.state() if vl is not None else None, "curve": curve, "timings": timings,
     }
