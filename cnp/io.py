@@ -150,6 +150,8 @@ def tensor_hash(*tensors: torch.Tensor, length: int = 16) -> str:
     for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        if t.ndim == 0:  # a scalar (e.g. BatchNorm's num_batches_tracked): view its bytes as 1-D
+            t = t.reshape(1)
         h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself, no copy
     return h.hexdigest()[:length]
 

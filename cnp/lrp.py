@@ -508,7 +508,6 @@ class LRP:
         model = self.model
         was_training = model.training
         model.eval()
-        device = x.device
         canonizers = [inst for c in self._canonizers() for inst in c.apply(model)]
         try:
             return self._attribute(x, target, filters, layers, input_relevance, want_signed, want_abs,

@@ -31,7 +31,7 @@ from torch import nn
 
 from cnp.io import CNPError
 from cnp.lrp import ContextSite, attach_site
-from cnp.models import layer_outputs, qualified_name
+from cnp.models import layer_outputs, resolve_layer_name
 
 ABLATION_MODES = ("zero", "mean")
 
@@ -338,7 +338,7 @@ def insert_virtual_layer(model: nn.Module, U: torch.Tensor, K: int, layer: str =
         Unknown layer, U not D x D orthonormal, K not dividing D, bad ablation set, or a layer
         whose output does not have D channels (checked on the first forward pass).
     """
-    qualified_name(layer)
+    resolve_layer_name(model, layer)
     vl = VirtualLayer(U, K, ablated=ablated, mode=mode, mean_activation=mean_activation)
     attach_site(model, layer, vl)
     return vl

@@ -25,7 +25,7 @@ HEAD_CHOICES = ("fc8", "classifier")
 
 @dataclass
 class WarmupResult:
-    model: VGG
+    model: nn.Module
     history: list[float]
     val_acc: dict[str, float]
     test_acc: dict[str, float]
@@ -65,7 +65,9 @@ def warmup(
         Warm-up epochs (the paper: 15).
     head : str
         ``classifier`` trains fc6-fc8 (fc8 new, fc6/fc7 from the backbone), ``fc8`` only the new
-        last layer.
+        last layer. For a backbone that is not a :class:`~cnp.models.VGG` (a torchvision ResNet,
+        ``vgg16_bn``, your own CNN) the last ``nn.Linear`` of the model is replaced by a new
+        2-way layer and only that layer is trained, whatever ``head`` says.
     """
     if head not in HEAD_CHOICES:
         raise CNPError(f"head must be one of {HEAD_CHOICES}, got {head!r}")
@@ -73,6 +75,8 @@ def warmup(
         raise CNPError(f"warm-up epochs must be >= 1, got {epochs}")
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
+    if not isinstance(backbone, VGG):
+        return _warmup_last_linear(backbone, data, epochs, lr, batch_size, seed, weight_decay, device, verbose, g)
     model = copy.deepcopy(backbone).to(device)
     replace_head(model, 2, generator=g)
     for p in model.parameters():
@@ -93,6 +97,75 @@ def warmup(
         for start in range(0, len(perm), batch_size):
             idx = perm[start:start + batch_size]
             loss = loss_fn(model.classifier(feats[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        history.append(total / len(labels))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return WarmupResult(
+        model=model, history=history,
+        val_acc=subgroup_accuracy(model, data["val"], device=device),
+        test_acc=subgroup_accuracy(model, data["test"], device=device),
+    )
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """Name and module of the last ``nn.Linear`` of ``model`` (its classification head)."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise CNPError("the model has no nn.Linear layer to use as its classification head")
+    return found[-1]
+
+
+def replace_last_linear(model: nn.Module, num_classes: int, generator: torch.Generator | None = None) -> nn.Module:
+    """Give ``model`` a new, freshly initialised last linear layer with ``num_classes`` outputs (in place)."""
+    name, old = last_linear(model)
+    new = nn.Linear(old.in_features, num_classes)
+    with torch.no_grad():
+        new.weight.normal_(0.0, 0.01, generator=generator)
+        new.bias.zero_()
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new.to(old.weight.device))
+    return model
+
+
+@torch.no_grad()
+def _head_inputs(model: nn.Module, head: nn.Module, split: Split, device, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    grabbed: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda m, inp: grabbed.append(inp[0].detach()))
+    try:
+        for start in range(0, len(split), batch_size):
+            model(normalize_images(split.images[start:start + batch_size], device))
+    finally:
+        handle.remove()
+    return torch.cat(grabbed)
+
+
+def _warmup_last_linear(backbone, data, epochs, lr, batch_size, seed, weight_decay, device, verbose, g) -> WarmupResult:
+    model = copy.deepcopy(backbone).to(device)
+    replace_last_linear(model, 2, generator=g)
+    _, head = last_linear(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    feats = _head_inputs(model, head, data["train"], device)
+    labels = data["train"].labels.to(device)
+    opt = torch.optim.SGD(list(head.parameters()), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    history = []
+    torch.manual_seed(seed)
+    for _ in progress(range(epochs), desc="warm-up", disable=not verbose):
+        perm = torch.randperm(len(labels), generator=g).to(device)
+        total = 0.0
+        for start in range(0, len(perm), batch_size):
+            idx = perm[start:start + batch_size]
+            loss = loss_fn(head(feats[idx]), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

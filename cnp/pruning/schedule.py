@@ -598,7 +598,8 @@ def _protected(struct, names) -> set[int]:
     """Indices of the protected channel groups (a VGG's convs by name; any model: the group of
     the named layer, or of the conv that feeds it)."""
     if isinstance(struct, VGGStructure):
-        return protected_indices(struct.model, names)
+        convs = [n for n in names if isinstance(get_layer(struct.model, n), torch.nn.Conv2d)]
+        return protected_indices(struct.model, convs) | {struct.group_of(n) for n in names if n not in convs}
     return {struct.group_of(n) for n in names}
 
 
