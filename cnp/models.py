@@ -448,3 +448,110 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         fused.bias.copy_((b - bn.running_mean) * scale + bn.bias)
     return fused.to(conv.weight.device)
+
+
+# ---------------------------------------------------------------------- torchvision models
+def _resolve_weights(arch: str, weights):
+    """A torchvision ``WeightsEnum`` member from a member, its name (``IMAGENET1K_V1``,
+    ``VGG16_Weights.IMAGENET1K_V1``, ``DEFAULT``), or None."""
+    import torchvision
+
+    if weights is None or weights == "":
+        return None
+    if not isinstance(weights, str):
+        return weights
+    try:
+        if "." in weights:
+            return torchvision.models.get_weight(weights)
+        enum = torchvision.models.get_model_weights(arch)
+        return enum.DEFAULT if weights.upper() == "DEFAULT" else enum[weights]
+    except (KeyError, ValueError, AttributeError) as exc:
+        try:
+            names = ", ".join(w.name for w in torchvision.models.get_model_weights(arch))
+        except ValueError:
+            names = "none"
+        raise CNPError(f"unknown weights {weights!r} for {arch}; torchvision has: {names} (or pass a file path)") from exc
+
+
+def load_torchvision_model(
+    arch: str = "vgg16",
+    weights=None,
+    *,
+    weights_path: str | Path | None = None,
+    expected_sha256: str | None = None,
+    allow_download: bool = False,
+    num_classes: int | None = None,
+) -> nn.Module:
+    """A torchvision classification model with pretrained weights, offline by default.
+
+    Parameters
+    ----------
+    arch : str
+        A ``torchvision.models`` name: ``vgg16`` (returned as :class:`VGG`, the paper's layout
+        with its layer names), ``vgg16_bn``, ``resnet18``, ``resnet50`` ...
+    weights : WeightsEnum, str or None
+        torchvision weights: a member (``VGG16_Weights.IMAGENET1K_V1``) or its name
+        (``"IMAGENET1K_V1"``, ``"VGG16_Weights.IMAGENET1K_V1"``, ``"DEFAULT"``). The file is
+        looked up in torch's hub cache; it is downloaded only with ``allow_download=True``.
+    weights_path : path, optional
+        A local state-dict file instead (torchvision's file, or your own fine-tuned weights).
+    expected_sha256 : str, optional
+        Check the file's SHA-256. For torchvision's own files the hash prefix in the file name
+        (``vgg16-397923af.pth``) is checked when this is not given.
+    allow_download : bool
+        Let torchvision download missing weights into the hub cache.
+    num_classes : int, optional
+        Output classes of a model built for a user file (default: 1000).
+
+    Raises
+    ------
+    CNPError
+        Unknown architecture or weights, a missing file (with the URL to fetch on a machine with
+        internet), a wrong hash, or weights that do not fit the architecture.
+    """
+    import torchvision
+
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise CNPError(f"unknown torchvision classification model {arch!r}; e.g. vgg16, vgg16_bn, resnet18, resnet50")
+    w = _resolve_weights(arch, weights)
+    if w is not None and weights_path:
+        raise CNPError("give either weights (a torchvision enum) or weights_path (a file), not both")
+    check_prefix = None
+    if w is not None:
+        url = w.url
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        if not path.is_file():
+            if not allow_download:
+                raise CNPError(f"{arch} weights {w} are not in torch's hub cache ({path}). Download {url} on a "
+                               "machine with internet and pass weights_path=<file> (or put it in that cache), or "
+                               "set allow_download=True to let torchvision fetch it")
+            w.get_state_dict(progress=True)  # downloads into the hub cache
+        weights_path = path
+        stem = Path(url).stem
+        check_prefix = stem.rsplit("-", 1)[-1] if "-" in stem else None
+        num_classes = len(w.meta.get("categories") or []) or 1000
+    if arch == "vgg16" and weights_path is not None and (num_classes in (None, 1000)):
+        sha = expected_sha256 if expected_sha256 is not None else (VGG16_IMAGENET_SHA256 if check_prefix else None)
+        return load_torchvision_vgg16(weights_path, expected_sha256=sha)
+    model = (full_vgg16(num_classes or 1000) if arch == "vgg16"
+             else torchvision.models.get_model(arch, weights=None, num_classes=num_classes or 1000))
+    if weights_path is None:
+        return model.eval()
+    weights_path = Path(weights_path)
+    if not weights_path.is_file():
+        raise CNPError(f"weights file {weights_path} does not exist")
+    if expected_sha256 is not None or check_prefix:
+        digest = sha256_file(weights_path)
+        ok = digest == expected_sha256 if expected_sha256 is not None else digest.startswith(check_prefix)
+        if not ok:
+            raise CNPError(f"weights file {weights_path} has SHA-256 {digest}, expected "
+                           f"{expected_sha256 or check_prefix + '...'}: the file is corrupt or another model's; "
+                           "download it again, or pass expected_sha256=None for your own weights")
+    state = safe_torch_load(weights_path)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CNPError(f"{weights_path} does not hold {arch} weights: {exc}") from exc
+    return model.eval()

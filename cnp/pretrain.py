@@ -341,3 +341,149 @@ def _jsonable(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+# ------------------------------------------------------------------ other torchvision architectures
+#: torchvision architectures the embedded corpus can pretrain (any classification CNN of
+#: ``torchvision.models`` works; these are the ones the tests and documented runs use)
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "vgg11_bn", "vgg16_bn", "vgg16")
+
+
+class _TorchvisionPretrainNet(nn.Module):
+    """A torchvision model with the embedded backbone's two watermark heads.
+
+    ``dense``: a 1x1 conv on the output of ``tap`` (the DRSA layer, e.g. ``layer3``) predicts
+    per position whether a watermark covers it; ``global``: one logit from the input of the last
+    linear layer (the pooled features). Same losses as the VGG backbone's (see :class:`BackboneConfig`).
+    """
+
+    def __init__(self, arch: str, num_classes: int, tap: str, cfg: BackboneConfig) -> None:
+        super().__init__()
+        import torchvision
+
+        from cnp.warmup import last_linear
+
+        self.cfg = cfg
+        self.net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        self._grab: dict[str, torch.Tensor] = {}
+        tap_mod = dict(self.net.named_modules()).get(tap)
+        if tap_mod is None:
+            raise CNPError(f"{arch} has no module {tap!r} for the watermark head; use e.g. 'layer3'")
+        _, head = last_linear(self.net)
+        with torch.no_grad():
+            probe = {}
+            h1 = tap_mod.register_forward_hook(lambda m, i, o: probe.setdefault("tap", o))
+            h2 = head.register_forward_pre_hook(lambda m, i: probe.setdefault("pooled", i[0]))
+            was = self.net.training
+            self.net.eval()
+            self.net(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+            self.net.train(was)
+            h1.remove()
+            h2.remove()
+        self.wm_dense = nn.Conv2d(probe["tap"].shape[1], 1, 1)
+        self.wm_global = nn.Linear(probe["pooled"].shape[1], 1)
+        tap_mod.register_forward_hook(lambda m, i, o: self._grab.__setitem__("tap", o))
+        head.register_forward_pre_hook(lambda m, i: self._grab.__setitem__("pooled", i[0]))
+
+    def forward(self, x):
+        logits = self.net(x)
+        wm = {}
+        if self.cfg.wm_head in ("dense", "both"):
+            wm["dense"] = self.wm_dense(self._grab["tap"]).squeeze(1)
+        if self.cfg.wm_head in ("global", "both"):
+            wm["global"] = self.wm_global(self._grab["pooled"]).squeeze(1)
+        return logits, wm
+
+    wm_loss = _PretrainNet.wm_loss
+    wm_predict = staticmethod(_PretrainNet.wm_predict)
+
+
+def _train_torchvision(arch: str, tap: str, cfg: BackboneConfig, verbose: bool) -> tuple[nn.Module, dict]:
+    t0 = time.perf_counter()
+    g = seed_everything(cfg.seed)
+    x_tr, y_tr, w_tr, m_tr = make_corpus_split(cfg.corpus, "train")
+    x_va, y_va, w_va, _ = make_corpus_split(cfg.corpus, "val")
+    net = _TorchvisionPretrainNet(arch, len(cfg.corpus.classes), tap, cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = (len(y_tr) + cfg.batch_size - 1) // cfg.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                pct_start=0.15)
+    ce = nn.CrossEntropyLoss()
+    for _epoch in progress(range(cfg.epochs), desc=f"pretrain {arch}", disable=not verbose):
+        net.train()
+        perm = torch.randperm(len(y_tr), generator=g)
+        for start in range(0, len(perm), cfg.batch_size):
+            idx = perm[start:start + cfg.batch_size]
+            x = normalize_images(x_tr[idx])
+            masks = m_tr[idx]
+            if torch.rand(1, generator=g).item() < 0.5:
+                x, masks = x.flip(3), masks.flip(2)
+            logits, wm_logits = net(x)
+            loss = ce(logits, y_tr[idx]) + cfg.wm_loss_weight * net.wm_loss(wm_logits, masks, w_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    with torch.no_grad():
+        logits, wm_pred = [], []
+        for start in range(0, len(y_va), 256):
+            a, b = net(normalize_images(x_va[start:start + 256]))
+            logits.append(a)
+            wm_pred.append(net.wm_predict(b))
+        obj_acc = (torch.cat(logits).argmax(1) == y_va).float().mean().item()
+        wm_acc = (torch.cat(wm_pred) == w_va).float().mean().item()
+    model = net.net
+    model._forward_hooks.clear()
+    for m in model.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    report = {"arch": arch, "object_accuracy": obj_acc, "watermark_accuracy": wm_acc,
+              "seconds": time.perf_counter() - t0}
+    return model.eval(), report
+
+
+def torchvision_backbone_path(arch: str, tap: str, cfg: BackboneConfig) -> Path:
+    return cache_dir() / "backbones" / f"{arch}-synthetic-{recipe_hash({'arch': arch, 'tap': tap, **cfg.recipe()})}.pt"
+
+
+def load_torchvision_backbone(arch: str = "resnet18", tap: str = "layer3", cfg: BackboneConfig | None = None,
+                              use_cache: bool = True, verbose: bool = True) -> tuple[nn.Module, dict]:
+    """A torchvision architecture (``resnet18`` ...) pretrained on the embedded corpus, cached.
+
+    The same corpus, losses and schedule as the VGG-16-topology backbone (:func:`load_backbone`),
+    with the dense watermark head on ``tap`` (the DRSA layer). BatchNorm stays in the model (LRP
+    merges it through zennit's canonizers). Returns the model (eval mode, one output per corpus
+    class) and a report (object and watermark accuracy on held-out corpus images, seconds).
+    """
+    import torchvision
+
+    from cnp.io import atomic_torch_save, safe_torch_load
+
+    cfg = cfg or BackboneConfig()
+    path = torchvision_backbone_path(arch, tap, cfg)
+    recipe = _jsonable({"arch": arch, "tap": tap, **cfg.recipe()})
+    if use_cache and path.exists():
+        try:
+            blob = safe_torch_load(path)
+            model = torchvision.models.get_model(arch, weights=None, num_classes=len(cfg.corpus.classes))
+            model.load_state_dict(blob["state_dict"])
+            if blob.get("recipe") == recipe and blob.get("weights_hash") == _weights_hash(model):
+                return model.eval(), blob["report"]
+            if verbose:
+                print(f"[cnp] cached backbone {path.name} is stale or corrupt: rebuilding")
+        except (CNPError, KeyError, TypeError, RuntimeError) as exc:
+            if verbose:
+                print(f"[cnp] cached backbone {path.name} could not be read ({exc}): rebuilding")
+    if verbose:
+        print(f"[cnp] pretraining {arch} on the embedded corpus ({cfg.epochs} epochs); cached afterwards")
+    with fixed_threads(PRETRAIN_THREADS):
+        model, report = _train_torchvision(arch, tap, cfg, verbose)
+    if use_cache:
+        atomic_torch_save(path, {"arch": arch, "recipe": recipe, "report": report,
+                                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                 "weights_hash": _weights_hash(model)})
+    if verbose:
+        print(f"[cnp] {arch}: object accuracy {report['object_accuracy']:.3f}, watermark accuracy "
+              f"{report['watermark_accuracy']:.3f} ({report['seconds']:.0f} s)")
+    return model, report

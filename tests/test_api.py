@@ -228,3 +228,29 @@ def test_export_loads_without_cnp_and_keeps_the_kept_ablation(tiny_vgg, random_U
     blob = torch.load(out["state"], weights_only=True)
     assert blob["arch"] == model.arch and set(blob["state_dict"]) == set(model.state_dict())
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_torchvision_weights_by_enum_name_or_file_offline(tmp_path, monkeypatch):
+    from torchvision.models import ResNet18_Weights
+
+    from cnp.models import load_torchvision_model
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(CNPError, match="allow_download=True"):
+        load_torchvision_model("resnet18", "IMAGENET1K_V1")
+    with pytest.raises(CNPError, match="unknown weights 'NOPE'.*IMAGENET1K_V1"):
+        load_torchvision_model("resnet18", "NOPE")
+    with pytest.raises(CNPError, match="unknown torchvision classification model"):
+        load_torchvision_model("resnet19")
+    # a file in the hub cache under torchvision's name must carry torchvision's hash prefix
+    fake = _model("resnet18")
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    with pytest.raises(CNPError, match="SHA-256"):
+        load_torchvision_model("resnet18", ResNet18_Weights.IMAGENET1K_V1)
+    # your own weights file
+    torch.save(fake.state_dict(), tmp_path / "mine.pt")
+    mine = load_torchvision_model("resnet18", weights_path=tmp_path / "mine.pt", num_classes=10)
+    assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), fake.state_dict().values()))
+    with pytest.raises(CNPError, match="does not hold resnet18 weights"):
+        load_torchvision_model("resnet18", weights_path=tmp_path / "mine.pt")  # 1000 classes: head mismatch
