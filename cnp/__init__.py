@@ -4,8 +4,12 @@ Apply CNP to your own model and data with the names below (importable as ``cnp.<
 loaded on first use, so ``import cnp`` stays light). See :mod:`cnp.api` for a worked example.
 
 Data
-    ``as_split``, ``pair_data`` (your tensors, Dataset or DataLoader), ``benchmark_pair`` (the
-    embedded watermark benchmark), ``benchmark_backbone``, ``Split``, ``PairData``.
+    ``as_split``, ``pair_data`` (your tensors, Dataset or DataLoader), ``folder_pair`` (two
+    classes of an image folder, by manifest), ``example_folder``, ``benchmark_pair`` (the
+    embedded watermark benchmark), ``Split``, ``PairData``.
+Model
+    ``backbone`` (torchvision weights by name or file, or an architecture pretrained on the
+    embedded corpus), ``benchmark_backbone``.
 Warm-up
     ``warm_up``: a new 2-way head on the frozen backbone (:func:`cnp.warmup.warmup`; the module
     ``cnp.warmup`` keeps its name).
@@ -21,7 +25,7 @@ Stage 3, prune
     ``METHOD_SPECS``, ``filter_scores``, ``select_filters``, ``prunable_structure``.
 Evaluation and export
     ``subgroup_accuracy`` (per subgroup c0w0, c0w1, c1w0, c1w1), ``wm_relevance_shares``,
-    ``export_model``, ``load_exported``, ``read_export_info``.
+    ``result_rows``, ``export_model``, ``load_exported``, ``read_export_info``.
 Errors
     ``CNPError``: every bad input raises it, saying what is wrong and how to fix it.
 
@@ -43,7 +47,8 @@ __version__ = "0.3.0"
 _PUBLIC: dict[str, str] = {
     "as_split": "cnp.api", "pair_data": "cnp.api", "benchmark_pair": "cnp.api",
     "benchmark_backbone": "cnp.api", "prune": "cnp.api", "export_model": "cnp.api",
-    "load_exported": "cnp.api", "read_export_info": "cnp.api",
+    "load_exported": "cnp.api", "read_export_info": "cnp.api", "folder_pair": "cnp.api",
+    "example_folder": "cnp.api", "backbone": "cnp.api", "result_rows": "cnp.api",
     "Split": "cnp.data.splits", "PairData": "cnp.data.splits",
     "warm_up": "cnp.warmup",
     "fit_concepts": "cnp.concepts", "concept_scores": "cnp.concepts", "latent_analysis": "cnp.concepts",

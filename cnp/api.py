@@ -183,6 +183,46 @@ def benchmark_backbone(**overrides) -> nn.Module:
     return load_pretrained(make_params(dataset="synthetic", **overrides))
 
 
+def folder_pair(manifest: str | os.PathLike, root: str | os.PathLike | None = None, seed: int = 0,
+                **kwargs) -> PairData:
+    """The splits of a pair of classes of an image folder, from its manifest.
+
+    ``manifest``: a file written by ``python -m cnp.data manifest`` (any two classes of an
+    ``ImageFolder`` or ImageNet tree), by :func:`example_folder`, or a packaged pair's name.
+    ``root``: the image tree (default: the manifest's). ``kwargs`` go to
+    :func:`cnp.data.imagenet.build_pair` (``label_csv``, ``masks``, ``sizes``, ``overlay`` ...).
+    """
+    from cnp.data.imagenet import build_pair
+
+    return build_pair(manifest, root, seed=seed, **kwargs)
+
+
+def example_folder(out_dir: str | os.PathLike, pair: str = "carton-dugong", seed: int = 0, *,
+                   smoke: bool = False, image_format: str = "jpeg") -> Path:
+    """The embedded benchmark written out as an image folder (JPEG images, label CSV, mask PNGs,
+    split file, manifest), or the existing one in ``out_dir``; returns its manifest file."""
+    manifest = Path(out_dir) / "manifest.json"
+    if manifest.is_file():
+        return manifest
+    from cnp.data.folder import export_synthetic
+
+    return export_synthetic(out_dir, pair, seed, smoke=smoke, image_format=image_format)
+
+
+def backbone(arch: str = "vgg16", *, layer: str = "", weights: str = "", weights_path: str = "",
+             num_classes: int | None = None, allow_download: bool = False, smoke: bool = False) -> nn.Module:
+    """A model to apply CNP to: torchvision weights (by name or file) or, with neither given, the
+    architecture pretrained on the embedded corpus (cached; ``layer`` is the DRSA layer its
+    watermark head reads, e.g. ``layer3``; ``smoke``: the tiny pretraining of the smoke settings)."""
+    if weights or weights_path:
+        from cnp.models import load_torchvision_model
+
+        return load_torchvision_model(arch, weights or None, weights_path=weights_path or None,
+                                      allow_download=allow_download, num_classes=num_classes)
+    overrides = {"layer": layer} if layer else {}
+    return benchmark_backbone(arch=arch, smoke=smoke, **overrides)
+
+
 # ------------------------------------------------------------------------------------ prune
 def prune(model: nn.Module, data: PairData, method: str = "cnp", *, layer: str,
           concept_state: dict | None = None, config=None, seed: int = 0, device: str | torch.device = "cpu",
@@ -223,6 +263,21 @@ def prune(model: nn.Module, data: PairData, method: str = "cnp", *, layer: str,
     cfg = replace(cfg, protect=protect, **config_overrides)
     return run_pruning(model, data, method, cfg, concept_state=concept_state, seed=seed, device=device,
                        run_dir=run_dir, verbose=verbose)
+
+
+def result_rows(results: Mapping[str, Any], unpruned: Mapping[str, float] | None = None) -> list[dict]:
+    """One row per method (after the final fine-tune; the unpruned model first when given):
+    accuracy overall and per subgroup on the test split, filters, MACs and parameters."""
+    rows = []
+    if unpruned is not None:
+        rows.append({"model": "unpruned", **{k: f"{v:.3f}" for k, v in unpruned.items()},
+                     "filters": "", "MMACs": "", "params": ""})
+    for method, res in results.items():
+        last = res.curve[-1]
+        rows.append({"model": method, **{k: f"{v:.3f}" for k, v in last["acc"].items()},
+                     "filters": f"{last['filters']:,}", "MMACs": f"{last['macs'] / 1e6:,.1f}",
+                     "params": f"{last['params']:,}"})
+    return rows
 
 
 # ------------------------------------------------------------------------------------ export
@@ -306,5 +361,5 @@ def read_export_info(path: str | os.PathLike) -> dict:
     return json.loads(p.read_text())
 
 
-__all__ = ["SPLIT_NAMES", "as_split", "benchmark_backbone", "benchmark_pair", "export_model", "load_exported",
-           "pair_data", "prune", "read_export_info"]
+__all__ = ["SPLIT_NAMES", "as_split", "backbone", "benchmark_backbone", "benchmark_pair", "example_folder",
+           "export_model", "folder_pair", "load_exported", "pair_data", "prune", "read_export_info", "result_rows"]

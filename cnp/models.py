@@ -344,18 +344,50 @@ def _traced_macs(model: nn.Module, image_size: int) -> int:
 
 
 # ---------------------------------------------------------------------- checkpoints
-def save_model(model: VGG, path: str | Path, **extra: Any) -> Path:
+#: Attribute by which a torchvision model built by ``cnp`` records its architecture name.
+ARCH_ATTR = "cnp_torchvision_arch"
+
+
+def tag_torchvision(model: nn.Module, name: str) -> nn.Module:
+    """Record that ``model`` is ``torchvision.models.<name>`` (so :func:`save_model` can save it)."""
+    object.__setattr__(model, ARCH_ATTR, name)
+    return model
+
+
+def model_arch(model: nn.Module) -> dict:
+    """The architecture record of ``model``: :attr:`VGG.arch`, or the torchvision name and classes."""
+    if isinstance(model, VGG):
+        return model.arch
+    name = getattr(model, ARCH_ATTR, None)
+    if name is None:
+        raise CNPError(f"cannot record the architecture of a {type(model).__name__}: build it with "
+                       "cnp.models.load_torchvision_model or tag it with cnp.models.tag_torchvision(model, name)")
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return {"kind": "torchvision", "name": name, "num_classes": int(last[-1].out_features) if last else 1000}
+
+
+def model_from_arch(arch: dict) -> nn.Module:
+    """A new model (random weights) from :func:`model_arch`'s record."""
+    if arch.get("kind") == "torchvision":
+        import torchvision
+
+        model = torchvision.models.get_model(arch["name"], weights=None, num_classes=int(arch["num_classes"]))
+        return tag_torchvision(model, arch["name"])
+    return vgg_from_arch(arch)
+
+
+def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
     """Save architecture + weights (+ JSON-able extras) atomically; load with :func:`load_model`."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return atomic_torch_save(path, {"arch": model.arch, "state_dict": state, "extra": extra})
+    return atomic_torch_save(path, {"arch": model_arch(model), "state_dict": state, "extra": extra})
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VGG, dict]:
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Load a checkpoint written by :func:`save_model` (``weights_only=True``)."""
     blob = safe_torch_load(path, map_location=map_location)
     if not isinstance(blob, dict) or "arch" not in blob or "state_dict" not in blob:
         raise CNPError(f"{path} is not a cnp model checkpoint (missing 'arch'/'state_dict'); rebuild it")
-    model = vgg_from_arch(blob["arch"])
+    model = model_from_arch(blob["arch"])
     model.load_state_dict(blob["state_dict"])
     return model, blob.get("extra", {})
 
@@ -534,7 +566,7 @@ def load_torchvision_model(
         sha = expected_sha256 if expected_sha256 is not None else (VGG16_IMAGENET_SHA256 if check_prefix else None)
         return load_torchvision_vgg16(weights_path, expected_sha256=sha)
     model = (full_vgg16(num_classes or 1000) if arch == "vgg16"
-             else torchvision.models.get_model(arch, weights=None, num_classes=num_classes or 1000))
+             else tag_torchvision(torchvision.models.get_model(arch, weights=None, num_classes=num_classes or 1000), arch))
     if weights_path is None:
         return model.eval()
     weights_path = Path(weights_path)

@@ -30,6 +30,7 @@ from cnp.models import (
     layer_outputs,
     load_model,
     save_model,
+    tag_torchvision,
 )
 from cnp.runtime import fixed_threads, progress, seed_everything
 
@@ -468,6 +469,7 @@ def load_torchvision_backbone(arch: str = "resnet18", tap: str = "layer3", cfg: 
             blob = safe_torch_load(path)
             model = torchvision.models.get_model(arch, weights=None, num_classes=len(cfg.corpus.classes))
             model.load_state_dict(blob["state_dict"])
+            tag_torchvision(model, arch)
             if blob.get("recipe") == recipe and blob.get("weights_hash") == _weights_hash(model):
                 return model.eval(), blob["report"]
             if verbose:
@@ -483,6 +485,7 @@ def load_torchvision_backbone(arch: str = "resnet18", tap: str = "layer3", cfg: 
         atomic_torch_save(path, {"arch": arch, "recipe": recipe, "report": report,
                                  "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                                  "weights_hash": _weights_hash(model)})
+    tag_torchvision(model, arch)
     if verbose:
         print(f"[cnp] {arch}: object accuracy {report['object_accuracy']:.3f}, watermark accuracy "
               f"{report['watermark_accuracy']:.3f} ({report['seconds']:.0f} s)")

@@ -254,3 +254,21 @@ def test_torchvision_weights_by_enum_name_or_file_offline(tmp_path, monkeypatch)
     assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), fake.state_dict().values()))
     with pytest.raises(CNPError, match="does not hold resnet18 weights"):
         load_torchvision_model("resnet18", weights_path=tmp_path / "mine.pt")  # 1000 classes: head mismatch
+
+
+@pytest.mark.slow
+def test_resnet18_pretrained_on_the_embedded_corpus_runs_the_whole_pipeline(tmp_path):
+    """Smoke size: ResNet-18 pretrained on the corpus, DRSA at layer3, ablation, ranking,
+    Torch-Pruning removal, fine-tuning and evaluation, through the notebooks' pipeline."""
+    from cnp.pipeline import make_params, open_run, run_all, warm_model
+
+    m = run_all(verbose=False, arch="resnet18", layer="layer3", smoke=True, run_dir=str(tmp_path / "run"), K=4)
+    assert m["params"]["arch"] == "resnet18" and m["drsa"]["layer"] == "layer3" and m["drsa"]["d_k"] == 64
+    for method in ("cnp", "vanilla"):
+        curve = m["curves"][method]
+        assert curve[-1]["filters"] < curve[0]["filters"] and curve[-1]["macs"] < curve[0]["macs"]
+        assert set(curve[-1]["acc"]) >= {"c0w0", "c0w1", "c1w0", "c1w1", "overall"}
+    assert len(m["drsa"]["ablated"]) == 1
+    warm = warm_model(open_run(make_params(arch="resnet18", layer="layer3", smoke=True,
+                                           run_dir=str(tmp_path / "run"), K=4)))
+    assert isinstance(warm, torchvision.models.ResNet) and warm.fc.out_features == 2
