@@ -21,9 +21,9 @@ BENCHMARK_DEFAULTS: dict[str, Any] = {"K": 8, "rate_of": "prunable"}
 #: --list-params`` prints it with the field's type and default; a test keeps it complete).
 PARAM_HELP: dict[str, str] = {
     # run
-    "pair": "class pair: carton-dugong (easy), crate-packet (hard), basketball (Figure 1 demo)",
+    "pair": "class pair: carton-dugong (easy), crate-packet (hard), basketball (Figure 1 demo); imagenet/folder: or a manifest file",
     "seed": "seed of the data split, the warm-up, DRSA's starts and the fine-tunes",
-    "dataset": "synthetic (the embedded benchmark, no download) or imagenet (a folder tree)",
+    "dataset": "synthetic (the embedded benchmark, no download), imagenet (an ImageNet tree) or folder (any tree a manifest describes)",
     "run_dir": "run directory ('' : runs/<pair>/seed<k>)",
     "device": "auto, cpu or cuda",
     "threads": "torch threads (0: $CNP_THREADS, else all cores)",
@@ -32,17 +32,20 @@ PARAM_HELP: dict[str, str] = {
     "imagenet_root": "dataset=imagenet: the folder with train/<wnid>/ class folders",
     "weights_path": "dataset=imagenet: a VGG-16 weights file ('': torchvision's cache)",
     "label_csv": "watermark labels file,watermark ('': the manifest's, when it has one)",
-    "image_size": "image side in pixels (0: 48 for synthetic, 224 for imagenet)",
+    "data_root": "dataset=folder: the image tree, root/<class>/ or root/train/<wnid>/ ('': the manifest's root)",
+    "overlay": "imagenet/folder: the overlay that makes the w1 subgroups: auto (the manifest's), cnp or imagenet-w",
+    "overlay_style": "imagenet/folder: the cnp overlay's style: manifest (its watermark.style) or params (the wm_* values)",
+    "image_size": "image side in pixels (0: 48 for synthetic, else the manifest's centre crop, 224 for the paper's pairs)",
     "n_train_per_class": "training images per class (warm-up and fine-tuning)",
     "n_drsa": "positive images DRSA is fitted on",
     "n_rank": "images the filter ranking uses",
     "n_val_per_subgroup": "validation images per subgroup c0w0, c0w1, c1w0, c1w1",
     "n_test_per_subgroup": "test images per subgroup",
-    "wm_text": "synthetic: the watermark's text",
-    "wm_size": "synthetic: watermark height / image size",
-    "wm_opacity": "synthetic: watermark opacity",
-    "wm_color": "synthetic: watermark colour",
-    "wm_placement": "synthetic: random, fixed or tiled",
+    "wm_text": "synthetic (imagenet/folder with overlay_style=params): the watermark's text",
+    "wm_size": "synthetic (imagenet/folder with overlay_style=params): watermark height / image size",
+    "wm_opacity": "synthetic (imagenet/folder with overlay_style=params): watermark opacity",
+    "wm_color": "synthetic (imagenet/folder with overlay_style=params): watermark colour",
+    "wm_placement": "synthetic (imagenet/folder with overlay_style=params): random, fixed or tiled",
     "wm_rate_pos": "share of positive training images with a watermark",
     "wm_rate_neg": "share of negative training images with a watermark",
     "faint_rate": "synthetic: share of images with a faint class signal (-1: the pair's default)",
@@ -92,12 +95,25 @@ PARAM_HELP: dict[str, str] = {
 #: Parameters added after runs were first recorded, with the default that reproduces what those
 #: runs did: at this value they are left out of every key (stage caches, the sweep's up-to-date
 #: check), so runs recorded before the parameter existed stay valid; any other value is keyed.
-KEY_NEUTRAL_DEFAULTS: dict[str, Any] = {"rr_lambda": 1.0}
+KEY_NEUTRAL_DEFAULTS: dict[str, Any] = {
+    "rr_lambda": 1.0, "data_root": "", "overlay": "auto", "overlay_style": "manifest",
+}
+
+#: Per data set, the values that reproduce earlier runs where they differ from
+#: :data:`KEY_NEUTRAL_DEFAULTS`. ImageNet runs recorded before ``overlay_style`` existed overlaid
+#: the w1 subgroups in the ``wm_*`` style (``"params"``); the default ``"manifest"`` changes their
+#: images, so on ImageNet it is keyed (those runs are recomputed, not reused) and ``"params"`` is not.
+KEY_NEUTRAL_BY_DATASET: dict[str, dict[str, Any]] = {"imagenet": {"overlay_style": "params"}}
 
 
 def key_dict(params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` (a ``Params.to_dict()``) without the :data:`KEY_NEUTRAL_DEFAULTS` at their default."""
-    return {k: v for k, v in params.items() if not (k in KEY_NEUTRAL_DEFAULTS and v == KEY_NEUTRAL_DEFAULTS[k])}
+    """``params`` (a ``Params.to_dict()``) without the parameters at their key-neutral value.
+
+    That value is the :data:`KEY_NEUTRAL_DEFAULTS` entry, or the
+    :data:`KEY_NEUTRAL_BY_DATASET` entry of ``params['dataset']`` where it has one.
+    """
+    neutral = {**KEY_NEUTRAL_DEFAULTS, **KEY_NEUTRAL_BY_DATASET.get(params.get("dataset"), {})}
+    return {k: v for k, v in params.items() if not (k in neutral and v == neutral[k])}
 
 
-__all__ = ["BENCHMARK_DEFAULTS", "KEY_NEUTRAL_DEFAULTS", "PARAM_HELP", "key_dict"]
+__all__ = ["BENCHMARK_DEFAULTS", "KEY_NEUTRAL_BY_DATASET", "KEY_NEUTRAL_DEFAULTS", "PARAM_HELP", "key_dict"]

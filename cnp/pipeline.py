@@ -52,7 +52,7 @@ from cnp.runtime import (
     stage_breakdown,
 )
 
-DATASETS = ("synthetic", "imagenet")
+DATASETS = ("synthetic", "imagenet", "folder")
 STAGES = ("warmup", "augment", "ablate", "prune", "evaluate")
 
 
@@ -60,12 +60,15 @@ STAGES = ("warmup", "augment", "ablate", "prune", "evaluate")
 class Params:
     """All parameters of one run (the notebooks' ``parameters`` cell).
 
-    Data: ``pair``, ``seed``, ``dataset`` (``synthetic`` or ``imagenet``), ``imagenet_root``,
-    ``weights_path``, ``label_csv``, split sizes, and for the synthetic data the watermark style
-    (``wm_text``, ``wm_size``, ``wm_opacity``, ``wm_color``, ``wm_placement``), the bias rates
-    (``wm_rate_pos``, ``wm_rate_neg``) and the class-signal knobs (``faint_rate``,
-    ``faint_opacity``). Stages: see the field names; defaults are the paper's (Appendix A)
-    except where the embedded benchmark needs smaller sizes (stated in the README).
+    Data: ``pair``, ``seed``, ``dataset`` (``synthetic``, ``imagenet`` or ``folder``; with the
+    latter two ``pair`` may be a manifest file, see docs/data.md), ``imagenet_root``,
+    ``data_root``, ``weights_path``, ``label_csv``, the overlay of the real-data paths
+    (``overlay``, ``overlay_style``), split sizes, and for the synthetic data the watermark style
+    (``wm_text``, ``wm_size``, ``wm_opacity``, ``wm_color``, ``wm_placement``; for the real-data
+    paths with ``overlay_style="params"``), the bias rates (``wm_rate_pos``, ``wm_rate_neg``) and
+    the class-signal knobs (``faint_rate``, ``faint_opacity``). Stages: see the field names;
+    defaults are the paper's (Appendix A) except where the embedded benchmark needs smaller sizes
+    (stated in the README).
     """
 
     # run
@@ -80,7 +83,10 @@ class Params:
     imagenet_root: str = ""
     weights_path: str = ""
     label_csv: str = ""
-    image_size: int = 0  # 0: 48 synthetic, 224 imagenet
+    data_root: str = ""  # dataset=folder: the image tree ("": the manifest's root)
+    overlay: str = "auto"  # imagenet/folder: auto (the manifest's), cnp or imagenet-w
+    overlay_style: str = "manifest"  # imagenet/folder: the cnp overlay's style: manifest or params (wm_*)
+    image_size: int = 0  # 0: 48 synthetic, the manifest's centre crop otherwise (224 for the paper's pairs)
     n_train_per_class: int = 650
     n_drsa: int = 500
     n_rank: int = 500
@@ -237,10 +243,45 @@ def _validate(p: Params) -> None:
 
     if p.dataset not in DATASETS:
         raise CNPError(f"dataset must be one of {DATASETS}, got {p.dataset!r}")
-    if p.pair not in PAIRS:
-        raise CNPError(f"unknown pair {p.pair!r}; known pairs: {', '.join(PAIRS)}")
-    if p.dataset == "imagenet" and not p.imagenet_root:
-        raise CNPError("dataset='imagenet' needs imagenet_root (a folder with train/<wnid>/ class folders)")
+    # data: the pair (a name, or a manifest file for imagenet/folder), the roots, the real-data overlay
+    from cnp.data.imagenet import OVERLAYS, imagenet_w_available, is_manifest_path, load_manifest
+
+    if p.dataset == "synthetic":
+        if p.pair not in PAIRS:
+            hint = " (a manifest file needs dataset='folder' or 'imagenet')" if is_manifest_path(p.pair) else ""
+            raise CNPError(f"unknown pair {p.pair!r}; known pairs: {', '.join(PAIRS)}{hint}")
+        if p.overlay != "auto":
+            raise CNPError(f"overlay={p.overlay!r} applies to dataset='imagenet' or 'folder' (the synthetic data "
+                           "draws its own watermarks with the wm_* style); leave it 'auto'")
+    else:
+        man = load_manifest(p.pair)  # a packaged pair or a manifest file; CNPError says what is wrong
+        if is_manifest_path(p.pair) and not p.run_dir:
+            raise CNPError(f"pair={p.pair!r} is a manifest file: set run_dir too (the default runs/<pair>/seed<k> "
+                           f"needs a pair name), e.g. run_dir='runs/{man.pair}/seed{p.seed}'")
+        if p.dataset == "imagenet":
+            if man.layout != "imagenet":
+                raise CNPError(f"the manifest of {p.pair!r} has layout {man.layout!r}; use dataset='folder' "
+                               "(with data_root) for it")
+            if not p.imagenet_root:
+                hint = " (data_root is the root of dataset='folder')" if p.data_root else ""
+                raise CNPError("dataset='imagenet' needs imagenet_root (a folder with train/<wnid>/ class folders)"
+                               + hint)
+        elif not p.data_root and man.root is None:
+            hint = " (imagenet_root is the root of dataset='imagenet')" if p.imagenet_root else ""
+            raise CNPError(f"dataset='folder' needs data_root (the image tree of {p.pair!r}: root/<class>/ or "
+                           f"root/train/<wnid>/), or a manifest that records its root{hint}")
+    if p.overlay not in OVERLAYS:
+        raise CNPError(f"overlay must be one of {', '.join(OVERLAYS)} (auto: the manifest's), got {p.overlay!r}")
+    if p.overlay_style not in ("manifest", "params"):
+        raise CNPError(f"overlay_style must be 'manifest' (the manifest's watermark style) or 'params' "
+                       f"(the wm_* parameters), got {p.overlay_style!r}")
+    if p.overlay == "imagenet-w":
+        if p.overlay_style == "params":
+            raise CNPError("overlay='imagenet-w' draws the ImageNet-W watermark, which has no style: "
+                           "overlay_style='params' needs overlay='cnp' (or 'auto')")
+        if not imagenet_w_available():
+            raise CNPError("overlay='imagenet-w' needs the optional package imagenet-w (pip install imagenet-w; "
+                           "non-commercial license), or use overlay='cnp'")
     if p.seed < 0:
         raise CNPError(f"seed must be >= 0, got {p.seed}")
     bad = [m for m in p.methods if m not in METHODS]
@@ -387,20 +428,40 @@ def synthetic_config(p: Params):
 
 
 def load_data(p: Params):
-    """The pair's :class:`~cnp.data.splits.PairData` for ``p.dataset``."""
+    """The pair's :class:`~cnp.data.splits.PairData` for ``p.dataset``.
+
+    ``imagenet`` and ``folder`` read the manifest ``p.pair`` names (a packaged pair or a manifest
+    file) from ``imagenet_root`` or ``data_root`` (default: the manifest's root). The w1
+    subgroups' overlay is ``p.overlay`` (``auto``: the manifest's choice) in the manifest's style,
+    or in the ``wm_*`` style with ``overlay_style="params"``. Split sizes: ``imagenet`` takes all
+    of the ``n_*`` parameters; ``folder`` the manifest's sizes (fitted to the data by
+    ``python -m cnp.data manifest``) except the ``n_*`` parameters that differ from their defaults
+    (as the smoke sizes do); with a split file only ``n_drsa`` and ``n_rank`` can apply.
+    """
     if p.dataset == "synthetic":
         from cnp.data.synthetic import load_pair
 
         return load_pair(synthetic_config(p))
-    from cnp.data.imagenet import build_pair
+    from cnp.data.imagenet import build_pair, load_manifest
     from cnp.data.watermark import WatermarkStyle
 
-    sizes = {"train": p.n_train_per_class, "drsa": p.n_drsa, "rank": p.n_rank,
-             "val": p.n_val_per_subgroup, "test": p.n_test_per_subgroup}
-    style = WatermarkStyle(wm_text=p.wm_text, wm_size=p.wm_size, wm_opacity=p.wm_opacity, wm_color=p.wm_color,
-                           wm_placement=p.wm_placement)
-    return build_pair(p.pair, p.imagenet_root, seed=p.seed, label_csv=p.label_csv or None, style=style,
-                      image_size=p.image_size or 224, sizes=sizes)
+    man = load_manifest(p.pair)
+    names = {"train": "n_train_per_class", "drsa": "n_drsa", "rank": "n_rank", "val": "n_val_per_subgroup",
+             "test": "n_test_per_subgroup"}
+    sizes = {k: getattr(p, name) for k, name in names.items()}
+    if p.dataset == "folder":
+        defaults = Params()
+        sizes = {k: v for k, v in sizes.items() if v != getattr(defaults, names[k])}
+    if man.splits:
+        sizes = {k: v for k, v in sizes.items() if k in ("drsa", "rank")}
+    style = None
+    if p.overlay_style == "params":
+        style = WatermarkStyle(wm_text=p.wm_text, wm_size=p.wm_size, wm_opacity=p.wm_opacity, wm_color=p.wm_color,
+                               wm_placement=p.wm_placement)
+    root = p.imagenet_root if p.dataset == "imagenet" else (p.data_root or None)
+    return build_pair(man.pair, root, seed=p.seed, manifest=man, label_csv=p.label_csv or None, style=style,
+                      overlay=None if p.overlay == "auto" else p.overlay, image_size=p.image_size or None,
+                      sizes=sizes or None)
 
 
 def backbone_config(p: Params):

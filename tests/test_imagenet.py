@@ -96,6 +96,56 @@ def test_bad_manifest_fields(tmp_path):
         imn.load_manifest(p)
 
 
+def test_manifest_schema_2_fields(tmp_path):
+    raw = json.loads((imn.MANIFEST_DIR / "carton-dugong.json").read_text())
+    assert raw["schema"] == 1 and imn.manifest_from_dict(raw).layout == "imagenet"   # schema 1 still reads
+    no_index = dict(raw, schema=2, positive={"name": "carton", "wnid": CARTON})
+    assert imn.manifest_from_dict(no_index).positive.index is None                  # the index is optional
+    folder = dict(raw, schema=2, layout="folder", pair="cats-dogs",
+                  positive={"name": "cat", "folder": "cats"}, negative={"name": "dog", "folder": "dogs"},
+                  watermark={"masks": "beside"}, root=".", splits="splits.csv", extra_masks={"ball": "m_ball"})
+    man = imn.manifest_from_dict(folder, tmp_path / "cats-dogs.json")
+    assert (man.positive.key, man.positive.wnid, man.masks, man.mask_dir()) == ("cats", None, "beside", "beside")
+    assert man.root_dir() == tmp_path.resolve() and man.splits_file() == (tmp_path / "splits.csv").resolve()
+    assert man.extra_mask_dirs() == {"ball": (tmp_path / "m_ball").resolve()}
+    for bad, pattern in [
+        (dict(folder, positive={"name": "cat"}), "'positive.folder' must name the class's folder"),
+        (dict(folder, positive={"name": "cat", "folder": "../x"}), "'positive.folder'"),
+        (dict(raw, positive={"name": "carton", "wnid": CARTON, "folder": "cartons"}), "must equal the wnid"),
+        (dict(raw, layout="flat"), "'layout' must be one of"),
+        (dict(raw, pair="a/b"), "'pair' 'a/b' must be a name without '/'"),
+        (dict(raw, schema=3), "reads schemas 1, 2"),
+        (dict(folder, watermark={"masks": "beside", "mask_suffix": ".png"}), "cannot tell masks beside the images"),
+    ]:
+        with pytest.raises(CNPError, match=pattern):
+            imn.manifest_from_dict(bad)
+    for key, value in (("root", "../up"), ("splits", "/abs/splits.csv")):
+        escaping = imn.manifest_from_dict(dict(folder, **{key: value}), tmp_path / "cats-dogs.json")
+        with pytest.raises(CNPError, match=r"'\.\.'|absolute"):
+            escaping.root_dir() if key == "root" else escaping.splits_file()
+
+
+def test_manifest_path_as_pair(fake_root, tmp_path):
+    raw = json.loads((imn.MANIFEST_DIR / "carton-dugong.json").read_text())
+    path = tmp_path / "any-name.json"
+    path.write_text(json.dumps(dict(raw, pair="my-carton-dugong")))
+    assert imn.is_manifest_path(str(path)) and not imn.is_manifest_path("carton-dugong")
+    data = imn.build_pair(str(path), fake_root, sizes=SIZES, cache_dir=tmp_path / "c", image_size=IMG,
+                          overlay="cnp", progress=False)
+    assert data.pair == "my-carton-dugong" and data.meta["manifest_path"] == str(path.resolve())
+
+
+def test_packaged_pair_selection_is_pinned(fake_root, tmp_path):
+    """The split selection of a packaged pair never changes (the files of every split, hashed)."""
+    import hashlib
+
+    data = build(fake_root, tmp_path)
+    got = {k: files(s) for k, s in data.splits.items()}
+    digest = hashlib.sha256(json.dumps(got, sort_keys=True).encode()).hexdigest()[:16]
+    assert digest == "8e05be8553b4b0ac", got
+    assert "masks" not in data.meta["manifest"]["watermark"] and data.meta["n_masks"] == 0
+
+
 # ------------------------------------------------------------------------ splits
 def test_splits_sizes_balance_and_disjointness(fake_root, tmp_path):
     data = build(fake_root, tmp_path)
