@@ -28,9 +28,14 @@ PARAM_HELP: dict[str, str] = {
     "device": "auto, cpu or cuda",
     "threads": "torch threads (0: $CNP_THREADS, else all cores)",
     "smoke": "tiny sizes and few steps (a check of the machinery, minutes on a CPU)",
+    # model
+    "arch": "vgg16 (the paper's network) or a torchvision CNN (vgg16_bn, resnet18, resnet50 ...); synthetic: pretrained on the embedded corpus",
+    "weights": "imagenet/folder: torchvision weights by name (IMAGENET1K_V1, DEFAULT; '': weights_path, or VGG-16's file in the hub cache)",
+    "allow_download": "imagenet/folder: let torchvision download missing weights (default: never touch the network)",
+    "expected_sha256": "imagenet/folder: SHA-256 of weights_path ('': torchvision's own check; 'none': skip, for your own weights)",
     # data
     "imagenet_root": "dataset=imagenet: the folder with train/<wnid>/ class folders",
-    "weights_path": "dataset=imagenet: a VGG-16 weights file ('': torchvision's cache)",
+    "weights_path": "imagenet/folder: a weights file of arch ('': torchvision's cache)",
     "label_csv": "watermark labels file,watermark ('': the manifest's, when it has one)",
     "data_root": "dataset=folder: the image tree, root/<class>/ or root/train/<wnid>/ ('': the manifest's root)",
     "overlay": "imagenet/folder: the overlay that makes the w1 subgroups: auto (the manifest's), cnp or imagenet-w",
@@ -97,6 +102,7 @@ PARAM_HELP: dict[str, str] = {
 #: check), so runs recorded before the parameter existed stay valid; any other value is keyed.
 KEY_NEUTRAL_DEFAULTS: dict[str, Any] = {
     "rr_lambda": 1.0, "data_root": "", "overlay": "auto", "overlay_style": "manifest",
+    "arch": "vgg16", "weights": "", "allow_download": False, "expected_sha256": "",
 }
 
 #: Per data set, the values that reproduce earlier runs where they differ from

@@ -41,7 +41,7 @@ from cnp.io import (
     safe_torch_load,
     sha256_file,
 )
-from cnp.models import FULL_WIDTHS, load_model, paper_name, save_model
+from cnp.models import FULL_WIDTHS, LAYER_NAMES, load_model, paper_name, save_model
 from cnp.params import BENCHMARK_DEFAULTS, key_dict  # noqa: F401  (BENCHMARK_DEFAULTS re-exported: the notebooks' defaults)
 from cnp.pruning.schedule import METHOD_SPECS, METHODS
 from cnp.runtime import (
@@ -79,6 +79,11 @@ class Params:
     device: str = "auto"
     threads: int = 0
     smoke: bool = False
+    # model: the architecture, where its weights come from
+    arch: str = "vgg16"  # vgg16 (the paper), or any torchvision CNN: vgg16_bn, resnet18, resnet50 ...
+    weights: str = ""  # imagenet/folder: torchvision weights by name (IMAGENET1K_V1, DEFAULT); "": weights_path
+    allow_download: bool = False  # imagenet/folder: let torchvision download missing weights
+    expected_sha256: str = ""  # imagenet/folder: SHA-256 of weights_path ("": torchvision's own check; "none": skip)
     # data (both paths)
     imagenet_root: str = ""
     weights_path: str = ""
@@ -145,12 +150,20 @@ class Params:
     # ------------------------------------------------------------------ derived
     @property
     def drsa_layer(self) -> str:
-        """The activation the virtual layer sits on (``conv4_3`` -> ``relu4_3``)."""
+        """The module the virtual layer sits on: for the paper's VGG-16 the activation after a
+        conv (``conv4_3`` -> ``relu4_3``); for any other architecture the named module itself
+        (e.g. ``layer3`` of a ResNet, ``features.32`` of ``vgg16_bn``)."""
+        if self.arch != "vgg16":
+            return self.layer
         name = paper_name(self.layer)
         return "relu" + name[4:] if name.startswith("conv") else name
 
     @property
     def protect_layer(self) -> str:
+        """The layer whose channels are never pruned (``conv4_3``; the DRSA layer itself for
+        other architectures, whose feeding channel group is then protected)."""
+        if self.arch != "vgg16":
+            return self.layer
         name = paper_name(self.drsa_layer)
         return "conv" + name[4:]
 
@@ -295,8 +308,17 @@ def _validate(p: Params) -> None:
         raise CNPError(f"K must be >= 1, got {p.K}")
     if p.d_k < 0:
         raise CNPError(f"d_k must be >= 0 (0: D / K), got {p.d_k}")
+    if p.arch != "vgg16":
+        import torchvision
+
+        if p.arch not in torchvision.models.list_models(module=torchvision.models):
+            raise CNPError(f"unknown arch {p.arch!r}: use vgg16 (the paper) or a torchvision classification model "
+                           "such as vgg16_bn, resnet18, resnet50")
+        if p.layer in LAYER_NAMES:
+            raise CNPError(f"layer={p.layer!r} is a VGG-16 name; for arch={p.arch!r} give a module name of that "
+                           "model, e.g. 'layer3' (ResNet) or 'features.32' (vgg16_bn)")
     D = layer_width(p)
-    if D % p.K or (p.d_k and p.K * p.d_k != D):
+    if D and (D % p.K or (p.d_k and p.K * p.d_k != D)):
         raise CNPError(f"K * d_k must equal D = {D} at {p.layer}: K={p.K}, d_k={p.d_k or 'D/K'} "
                        f"(valid K: {[k for k in range(1, D + 1) if D % k == 0]})")
     if p.ablation_mode not in ("zero", "mean"):
@@ -347,11 +369,13 @@ def layer_width(p: Params) -> int:
     CNPError
         When ``p.layer`` is not a conv layer of the features (or its ReLU output).
     """
+    if p.arch != "vgg16":
+        return 0  # known once the model is loaded (checked by the augment stage)
     name = paper_name(p.layer)  # CNPError for an unknown name
     if not name.startswith(("conv", "relu")):
         raise CNPError(f"layer must be a conv layer of the features such as conv4_3 (or its ReLU, relu4_3), "
                        f"got {p.layer!r}")
-    widths = FULL_WIDTHS if p.dataset == "imagenet" else backbone_config(p).block_widths
+    widths = FULL_WIDTHS if p.dataset != "synthetic" else backbone_config(p).block_widths
     return int(widths[int(name[4]) - 1])
 
 
@@ -474,15 +498,30 @@ def backbone_config(p: Params):
 
 
 def load_pretrained(p: Params):
-    """The pretrained backbone: the embedded one (cached) or torchvision's VGG-16 weights."""
+    """The pretrained backbone: the embedded one (cached; ``arch`` other than vgg16: that
+    torchvision architecture pretrained on the same corpus) or torchvision's weights."""
     if p.dataset == "synthetic":
+        if p.arch != "vgg16":
+            from cnp.pretrain import load_torchvision_backbone
+
+            model, _report = load_torchvision_backbone(p.arch, p.drsa_layer, backbone_config(p))
+            return model
         from cnp.pretrain import load_backbone
 
         model, _report = load_backbone(backbone_config(p))
         return model
-    from cnp.models import load_torchvision_vgg16
+    from cnp.models import VGG16_IMAGENET_SHA256, load_torchvision_model
 
-    return load_torchvision_vgg16(p.weights_path or None)
+    if p.arch == "vgg16" and not p.weights:  # the paper's file, from weights_path or the hub cache
+        from cnp.models import load_torchvision_vgg16
+
+        sha = None if p.expected_sha256.lower() == "none" else (p.expected_sha256 or VGG16_IMAGENET_SHA256)
+        if p.allow_download or p.weights_path:
+            return load_torchvision_vgg16(p.weights_path or None, expected_sha256=sha, allow_download=p.allow_download)
+        return load_torchvision_model("vgg16", "IMAGENET1K_V1", allow_download=False)
+    sha = None if p.expected_sha256.lower() in ("", "none") else p.expected_sha256
+    return load_torchvision_model(p.arch, p.weights or None, weights_path=p.weights_path or None,
+                                  expected_sha256=sha, allow_download=p.allow_download)
 
 
 def _lrp_config(p: Params):
@@ -648,7 +687,7 @@ def run_augment(run: Run, verbose: bool = True) -> dict:
     p = run.params
     run_warmup(run, verbose)
     model = warm_model(run)
-    D = _layer_width(model, p.drsa_layer)
+    D = _layer_width(model, p.drsa_layer, run.data().image_size)
     if D % p.K or (p.d_k and p.K * p.d_k != D):
         raise CNPError(f"K * d_k must equal D = {D} at {p.layer}: K={p.K}, d_k={p.d_k or 'D/K'} "
                        f"(valid K: {[k for k in range(1, D + 1) if D % k == 0]})")
@@ -676,17 +715,33 @@ def run_augment(run: Run, verbose: bool = True) -> dict:
     })
 
 
-def _layer_width(model, layer: str) -> int:
-    from cnp.models import get_layer
+def _layer_width(model, layer: str, image_size: int = 224) -> int:
+    """Channels D at the output of ``layer``."""
+    from cnp.models import VGG, get_layer
 
     host = get_layer(model, layer)
-    width = None
-    for m in model.features:
-        if isinstance(m, torch.nn.Conv2d):
-            width = m.out_channels
-        if m is host:
-            return int(width)
-    raise CNPError(f"layer {layer!r} is not in the model's features")
+    if isinstance(model, VGG):
+        width = None
+        for m in model.features:
+            if isinstance(m, torch.nn.Conv2d):
+                width = m.out_channels
+            if m is host:
+                return int(width)
+        raise CNPError(f"layer {layer!r} is not in the model's features")
+    out = []
+    handle = host.register_forward_hook(lambda m, i, o: out.append(o))
+    p = next(model.parameters())
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
+    finally:
+        handle.remove()
+        model.train(was)
+    if not out or out[0].ndim != 4:
+        raise CNPError(f"layer {layer!r} does not output a (n, D, H, W) feature map")
+    return int(out[0].shape[1])
 
 
 def augmented_model(run: Run, ablated=(), mode: str = "zero"):
