@@ -30,7 +30,7 @@ PARAM_HELP: dict[str, str] = {
     "smoke": "tiny sizes and few steps (a check of the machinery, minutes on a CPU)",
     # model
     "arch": "vgg16 (the paper's network) or a torchvision CNN (vgg16_bn, resnet18, resnet50 ...); synthetic: pretrained on the embedded corpus",
-    "weights": "imagenet/folder: torchvision weights by name (IMAGENET1K_V1, DEFAULT; '': weights_path, or VGG-16's file in the hub cache)",
+    "weights": "imagenet/folder: torchvision weights by name (IMAGENET1K_V1, DEFAULT; '': weights_path, or VGG-16's file in the hub cache; embedded: the embedded benchmark's backbone)",
     "allow_download": "imagenet/folder: let torchvision download missing weights (default: never touch the network)",
     "expected_sha256": "imagenet/folder: SHA-256 of weights_path ('': torchvision's own check; 'none': skip, for your own weights)",
     # data

@@ -375,7 +375,8 @@ def layer_width(p: Params) -> int:
     if not name.startswith(("conv", "relu")):
         raise CNPError(f"layer must be a conv layer of the features such as conv4_3 (or its ReLU, relu4_3), "
                        f"got {p.layer!r}")
-    widths = FULL_WIDTHS if p.dataset != "synthetic" else backbone_config(p).block_widths
+    embedded = p.dataset == "synthetic" or p.weights == "embedded"
+    widths = backbone_config(p).block_widths if embedded else FULL_WIDTHS
     return int(widths[int(name[4]) - 1])
 
 
@@ -499,8 +500,10 @@ def backbone_config(p: Params):
 
 def load_pretrained(p: Params):
     """The pretrained backbone: the embedded one (cached; ``arch`` other than vgg16: that
-    torchvision architecture pretrained on the same corpus) or torchvision's weights."""
-    if p.dataset == "synthetic":
+    torchvision architecture pretrained on the same corpus) or torchvision's weights.
+    ``weights="embedded"`` takes the embedded backbone for any data set (e.g. the embedded
+    benchmark written out as an image folder, ``dataset="folder"``)."""
+    if p.dataset == "synthetic" or p.weights == "embedded":
         if p.arch != "vgg16":
             from cnp.pretrain import load_torchvision_backbone
 
