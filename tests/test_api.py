@@ -272,3 +272,28 @@ def test_resnet18_pretrained_on_the_embedded_corpus_runs_the_whole_pipeline(tmp_
     warm = warm_model(open_run(make_params(arch="resnet18", layer="layer3", smoke=True,
                                            run_dir=str(tmp_path / "run"), K=4)))
     assert isinstance(warm, torchvision.models.ResNet) and warm.fc.out_features == 2
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    """The README's API example, on the embedded benchmark exported as a folder (smoke sizes) with a
+    random ResNet-18 in place of the ImageNet weights, and shorter DRSA and schedule settings."""
+    import re
+    from pathlib import Path
+
+    from cnp.models import tag_torchvision
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```python\n(import cnp\n.*?)```", text, re.S).group(1)
+    assert "cnp.prune(" in block and "cnp.export_model(" in block
+    cnp.example_folder(tmp_path / "my_pair", smoke=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cnp, "backbone", lambda arch, **kw: tag_torchvision(_model("resnet18"), "resnet18"))
+    block = block.replace('K=4, layer="layer3")', 'K=4, layer="layer3", steps=3, restarts=1, n_positions=4, verbose=False)', 1)
+    block = block.replace('concept_state=state)', 'concept_state=state, target=0.4, step=0.4, epochs_per_step=1, '
+                                                  'final_epochs=0, wm_share_images=4, verbose=False)')
+    block = block.replace("cnp.warm_up(model, data)", "cnp.warm_up(model, data, epochs=1, verbose=False)")
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - the README's own code
+    assert set(scope["runs"]) == {"cnp", "vanilla"}
+    assert (tmp_path / "pruned.pt2").is_file() and (tmp_path / "pruned.json").is_file()
