@@ -76,10 +76,10 @@ def test_alpha1beta0_rule_is_zennit_alphabeta_to_the_bit(tiny_vgg, tiny_x):
 
     real = lrp_mod.make_rule
 
-    def slow_rule(spec, c, device=None):
+    def slow_rule(spec, c, device=None, bounds=None):
         if spec == "alpha1beta0":
             return AlphaBeta(alpha=1.0, beta=0.0, stabilizer=c.stabilizer, zero_params="bias")
-        return real(spec, c, device)
+        return real(spec, c, device, bounds)
 
     lrp_mod.make_rule = slow_rule
     try:

@@ -598,8 +598,11 @@ def _protected(struct, names) -> set[int]:
     """Indices of the protected channel groups (a VGG's convs by name; any model: the group of
     the named layer, or of the conv that feeds it)."""
     if isinstance(struct, VGGStructure):
-        convs = [n for n in names if isinstance(get_layer(struct.model, n), torch.nn.Conv2d)]
-        return protected_indices(struct.model, convs) | {struct.group_of(n) for n in names if n not in convs}
+        # a conv by name, or a layer of the features after it (relu4_3: its conv4_3); anything
+        # else (fc6) is refused by protected_indices as "not a convolution"
+        feats = {id(m) for m in struct.model.features if not isinstance(m, torch.nn.Conv2d)}
+        after = [n for n in names if id(get_layer(struct.model, n)) in feats]
+        return protected_indices(struct.model, [n for n in names if n not in after]) | {struct.group_of(n) for n in after}
     return {struct.group_of(n) for n in names}
 
 
