@@ -289,20 +289,29 @@ class WatermarkLabeler:
     @classmethod
     def for_pair(cls, pair: str, root: str | os.PathLike, out_csv: str | os.PathLike | None = None,
                  splits: Sequence[str] = ("train", "val"), limit: int | None = None) -> WatermarkLabeler:
-        """All images of the pair's two classes under ``root/<split>/<wnid>/`` (sorted).
+        """All images of the pair's two classes (sorted): ``root/<split>/<wnid>/`` for an
+        ImageNet-layout manifest, ``root/<class folder>/`` for a folder-layout one
+        (``python -m cnp.data manifest``); ``pair`` is a packaged pair or a manifest file.
 
         ``out_csv`` defaults to the manifest's ``watermark.label_csv`` (read by
         :func:`cnp.data.imagenet.build_pair` when it exists); ``limit`` caps the files per class
-        and split.
+        (and split, for the ImageNet layout).
         """
-        from cnp.data.imagenet import IMAGE_SUFFIXES, check_root, load_manifest
+        from cnp.data.imagenet import IMAGE_SUFFIXES, check_root, list_class_files, load_manifest
 
         man = load_manifest(pair)
-        r = check_root(root)
         if out_csv is None:
             out_csv = man.default_label_csv()
             if out_csv is None:
                 raise CNPError(f"the manifest of {pair!r} names no label_csv; pass out_csv=<path>")
+        if getattr(man, "layout", "imagenet") != "imagenet":
+            r = check_root(root, man.layout) if root is not None else man.root_dir()
+            if r is None:
+                raise CNPError(f"the manifest of {pair!r} records no root; pass root=<the image tree>")
+            found = list_class_files(man, r)
+            files = [f for key in ("positive", "negative") for f in found[key][:limit]]
+            return cls(r, files, out_csv)
+        r = check_root(root)
         files = []
         for split in splits:
             for cls_ in (man.positive, man.negative):

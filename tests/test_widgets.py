@@ -221,3 +221,14 @@ def test_static_widgets_in_batch_runs(explorer, imagenet_root, tmp_path, monkeyp
     monkeypatch.setattr(os, "environ", dict(os.environ))   # _set_thread_env writes several variables
     sweep._set_thread_env(1)      # what every sweep run does before its notebooks
     assert static_widgets()
+
+
+def test_labeler_lists_a_folder_layout_pair(tmp_path):
+    import cnp
+
+    manifest = cnp.example_folder(tmp_path / "pair", smoke=True, image_format="png")
+    lab = WatermarkLabeler.for_pair(str(manifest), None, out_csv=tmp_path / "l.csv", limit=3)
+    assert lab.progress() == (0, 6)  # 3 files of each class folder
+    assert len({f.split("/")[0] for f in lab.files}) == 2 and lab.image_bytes().startswith(PNG_MAGIC)
+    lab.label(True)
+    assert read_label_csv(tmp_path / "l.csv", manifest.parent)[lab.files[0]] == 1
