@@ -259,6 +259,17 @@ def layer_outputs(model: nn.Module, layer: str, batches: Iterable[torch.Tensor])
         model.train(was)
 
 
+@torch.no_grad()
+def layer_output_shape(model: nn.Module, layer: str, image_size: int) -> tuple[int, ...]:
+    """Shape of ``layer``'s output for one zero image of ``image_size`` pixels (context sites
+    attached to the model are left as they are; eval mode for the pass)."""
+    host = get_layer(model, layer)
+    p = next(model.parameters())
+    for shape in layer_outputs(model, layer, [torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)]):
+        return tuple(shape.shape)
+    raise CNPError(f"layer {layer!r} ({type(host).__name__}) was not reached in a forward pass")
+
+
 def conv_index(model: VGG, name: str) -> int:
     """Index (0..12) among the convs of the conv called ``name``."""
     layer = get_layer(model, name)

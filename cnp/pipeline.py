@@ -731,20 +731,12 @@ def _layer_width(model, layer: str, image_size: int = 224) -> int:
             if m is host:
                 return int(width)
         raise CNPError(f"layer {layer!r} is not in the model's features")
-    out = []
-    handle = host.register_forward_hook(lambda m, i, o: out.append(o))
-    p = next(model.parameters())
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
-    finally:
-        handle.remove()
-        model.train(was)
-    if not out or out[0].ndim != 4:
+    from cnp.models import layer_output_shape
+
+    shape = layer_output_shape(model, layer, image_size)
+    if len(shape) != 4:
         raise CNPError(f"layer {layer!r} does not output a (n, D, H, W) feature map")
-    return int(out[0].shape[1])
+    return int(shape[1])
 
 
 def augmented_model(run: Run, ablated=(), mode: str = "zero"):

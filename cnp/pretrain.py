@@ -250,18 +250,18 @@ def train_backbone(cfg: BackboneConfig, verbose: bool = True) -> tuple[VGG, Back
         return _train_backbone(cfg, verbose)
 
 
-def _train_backbone(cfg: BackboneConfig, verbose: bool) -> tuple[VGG, BackboneReport]:
-    t0 = time.perf_counter()
-    g = seed_everything(cfg.seed)
-    x_tr, y_tr, w_tr, m_tr = make_corpus_split(cfg.corpus, "train")
-    x_va, y_va, w_va, m_va = make_corpus_split(cfg.corpus, "val")
-    net = _PretrainNet(cfg)
+def _fit_heads(net: nn.Module, cfg: BackboneConfig, g: torch.Generator, train, val, desc: str,
+               verbose: bool) -> tuple[float, float]:
+    """Train ``net`` (class logits + watermark heads) on the corpus; object and watermark accuracy
+    on the held-out images. AdamW with a one-cycle schedule, a horizontal flip per batch."""
+    x_tr, y_tr, w_tr, m_tr = train
+    x_va, y_va, w_va = val
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = (len(y_tr) + cfg.batch_size - 1) // cfg.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                 pct_start=0.15)
     ce = nn.CrossEntropyLoss()
-    for _epoch in progress(range(cfg.epochs), desc="pretrain backbone", disable=not verbose):
+    for _epoch in progress(range(cfg.epochs), desc=desc, disable=not verbose):
         net.train()
         perm = torch.randperm(len(y_tr), generator=g)
         for start in range(0, len(perm), cfg.batch_size):
@@ -285,6 +285,17 @@ def _train_backbone(cfg: BackboneConfig, verbose: bool) -> tuple[VGG, BackboneRe
             wm_pred.append(net.wm_predict(b))
         obj_acc = (torch.cat(logits).argmax(1) == y_va).float().mean().item()
         wm_acc = (torch.cat(wm_pred) == w_va).float().mean().item()
+    return obj_acc, wm_acc
+
+
+def _train_backbone(cfg: BackboneConfig, verbose: bool) -> tuple[VGG, BackboneReport]:
+    t0 = time.perf_counter()
+    g = seed_everything(cfg.seed)
+    x_tr, y_tr, w_tr, m_tr = make_corpus_split(cfg.corpus, "train")
+    x_va, y_va, w_va, _ = make_corpus_split(cfg.corpus, "val")
+    net = _PretrainNet(cfg)
+    obj_acc, wm_acc = _fit_heads(net, cfg, g, (x_tr, y_tr, w_tr, m_tr), (x_va, y_va, w_va), "pretrain backbone",
+                                 verbose)
     vgg = net.to_vgg()
     rank = activation_rank(vgg, x_va)
     report = BackboneReport(obj_acc, wm_acc, rank, vgg.conv_widths[9], time.perf_counter() - t0)
@@ -405,35 +416,8 @@ def _train_torchvision(arch: str, tap: str, cfg: BackboneConfig, verbose: bool) 
     x_tr, y_tr, w_tr, m_tr = make_corpus_split(cfg.corpus, "train")
     x_va, y_va, w_va, _ = make_corpus_split(cfg.corpus, "val")
     net = _TorchvisionPretrainNet(arch, len(cfg.corpus.classes), tap, cfg)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = (len(y_tr) + cfg.batch_size - 1) // cfg.batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                pct_start=0.15)
-    ce = nn.CrossEntropyLoss()
-    for _epoch in progress(range(cfg.epochs), desc=f"pretrain {arch}", disable=not verbose):
-        net.train()
-        perm = torch.randperm(len(y_tr), generator=g)
-        for start in range(0, len(perm), cfg.batch_size):
-            idx = perm[start:start + cfg.batch_size]
-            x = normalize_images(x_tr[idx])
-            masks = m_tr[idx]
-            if torch.rand(1, generator=g).item() < 0.5:
-                x, masks = x.flip(3), masks.flip(2)
-            logits, wm_logits = net(x)
-            loss = ce(logits, y_tr[idx]) + cfg.wm_loss_weight * net.wm_loss(wm_logits, masks, w_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    net.eval()
-    with torch.no_grad():
-        logits, wm_pred = [], []
-        for start in range(0, len(y_va), 256):
-            a, b = net(normalize_images(x_va[start:start + 256]))
-            logits.append(a)
-            wm_pred.append(net.wm_predict(b))
-        obj_acc = (torch.cat(logits).argmax(1) == y_va).float().mean().item()
-        wm_acc = (torch.cat(wm_pred) == w_va).float().mean().item()
+    obj_acc, wm_acc = _fit_heads(net, cfg, g, (x_tr, y_tr, w_tr, m_tr), (x_va, y_va, w_va), f"pretrain {arch}",
+                                 verbose)
     model = net.net
     model._forward_hooks.clear()
     for m in model.modules():

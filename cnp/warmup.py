@@ -85,18 +85,26 @@ def warmup(
     for p in trainable.parameters():
         p.requires_grad_(True)
     feats = _features(model, data["train"], device)
+    return _fit_head(model, model.classifier, list(trainable.parameters()), feats, data, epochs, lr, batch_size, seed,
+                     weight_decay, device, verbose, g)
+
+
+def _fit_head(model: nn.Module, head: nn.Module, params: list, feats: torch.Tensor, data: PairData, epochs: int,
+              lr: float, batch_size: int, seed: int, weight_decay: float, device, verbose: bool,
+              g: torch.Generator) -> WarmupResult:
+    """SGD on ``head`` over the cached features of the training split; the warmed-up result."""
     labels = data["train"].labels.to(device)
-    opt = torch.optim.SGD([p for p in trainable.parameters()], lr=lr, momentum=0.9, weight_decay=weight_decay)
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     history = []
     torch.manual_seed(seed)
     for _ in progress(range(epochs), desc="warm-up", disable=not verbose):
-        model.classifier.train()
+        head.train()
         perm = torch.randperm(len(labels), generator=g).to(device)
         total = 0.0
         for start in range(0, len(perm), batch_size):
             idx = perm[start:start + batch_size]
-            loss = loss_fn(model.classifier(feats[idx]), labels[idx])
+            loss = loss_fn(head(feats[idx]), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -155,27 +163,5 @@ def _warmup_last_linear(backbone, data, epochs, lr, batch_size, seed, weight_dec
     for p in head.parameters():
         p.requires_grad_(True)
     feats = _head_inputs(model, head, data["train"], device)
-    labels = data["train"].labels.to(device)
-    opt = torch.optim.SGD(list(head.parameters()), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
-    history = []
-    torch.manual_seed(seed)
-    for _ in progress(range(epochs), desc="warm-up", disable=not verbose):
-        perm = torch.randperm(len(labels), generator=g).to(device)
-        total = 0.0
-        for start in range(0, len(perm), batch_size):
-            idx = perm[start:start + batch_size]
-            loss = loss_fn(head(feats[idx]), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        history.append(total / len(labels))
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return WarmupResult(
-        model=model, history=history,
-        val_acc=subgroup_accuracy(model, data["val"], device=device),
-        test_acc=subgroup_accuracy(model, data["test"], device=device),
-    )
+    return _fit_head(model, head, list(head.parameters()), feats, data, epochs, lr, batch_size, seed, weight_decay,
+                     device, verbose, g)

@@ -35,7 +35,7 @@ from cnp.data.splits import PairData
 from cnp.evaluate import subgroup_accuracy, subgroup_accuracy_with_site, wm_relevance_shares
 from cnp.io import CNPError, atomic_torch_save, recipe_hash, safe_torch_load, tensor_hash
 from cnp.lrp import LRPConfig
-from cnp.models import VGG, count_macs, count_params, get_layer
+from cnp.models import VGG, count_macs, count_params, get_layer, layer_output_shape
 from cnp.pruning.penalty import ConceptPenalty
 from cnp.pruning.ranking import (
     AGGREGATIONS,
@@ -320,20 +320,10 @@ def _feature_size(model: torch.nn.Module, host, image_size: int) -> int:
             if m is host:
                 return h
         raise CNPError("the concept layer's host is not a layer of model.features")
-    sizes: list[int] = []
-    handle = host.register_forward_hook(lambda m, i, o: sizes.append(int(o.shape[-1])))
-    p = next(model.parameters())
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
-    finally:
-        handle.remove()
-        model.train(was)
-    if not sizes:
-        raise CNPError("the concept layer's host was not reached in a forward pass")
-    return sizes[0]
+    name = {m: n for n, m in model.named_modules()}.get(host)
+    if name is None:
+        raise CNPError("the concept layer's host is not a module of the model")
+    return int(layer_output_shape(model, name, image_size)[-1])
 
 
 def _finetune(model: torch.nn.Module, data: PairData, cfg: PruneConfig, epochs: int, seed_parts, device,
