@@ -118,3 +118,14 @@ def netns_prefix(loopback: bool = False) -> tuple[str, ...] | None:
     except (OSError, subprocess.TimeoutExpired):
         ok = False
     return prefix if ok else None
+
+
+def refuse_in_process(monkeypatch) -> None:
+    """Make any network connection from this process fail the test (pytest's ``monkeypatch``)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

@@ -4,7 +4,6 @@ benchmark read back through the folder path, and the overlay parameters of the r
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import types
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from fakes import make_fake_imagenet
+from netguard import refuse_in_process
 
 import cnp.data.imagenet as imn
 from cnp.data.__main__ import main as data_main
@@ -26,12 +26,7 @@ CARTON, DUGONG = "n02971356", "n02074367"
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch, tmp_path):
     """No network; the real-data caches go to tmp_path (the embedded benchmark keeps $CNP_CACHE)."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a test tried to use the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+    refuse_in_process(monkeypatch)
     monkeypatch.setenv("CNP_PROGRESS", "0")
     monkeypatch.setattr(imn, "default_cache_dir", lambda: tmp_path / "real-cache")
 

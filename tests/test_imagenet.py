@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import types
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from fakes import make_fake_imagenet, make_fake_vgg16_weights
+from netguard import refuse_in_process
 
 import cnp.data.imagenet as imn
 from cnp.data.splits import SUBGROUPS, PairData
@@ -28,12 +28,7 @@ IMG = 32
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch, tmp_path):
     """Any attempt to open a network connection fails the test; caches stay in tmp_path."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a test tried to use the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+    refuse_in_process(monkeypatch)
     monkeypatch.setenv("CNP_PROGRESS", "0")
     monkeypatch.setenv("CNP_CACHE", str(tmp_path / "default-cache"))
 

@@ -464,6 +464,23 @@ def _parse_wm(value: Any, where: str) -> int:
     raise CNPError(f"{where}: watermark must be 0 or 1, got {value!r}")
 
 
+def _open_csv(path: Path, what: str, required: tuple[str, ...], missing_fix: str, header_rule: str):
+    """A CSV reader after its header, the header and its lower-cased column names; CNPError
+    (naming ``what``) for a missing or unreadable file or a header without ``required``."""
+    if not path.is_file():
+        raise CNPError(f"{what} {path} does not exist; {missing_fix}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CNPError(f"could not read the {what} {path}: {exc}") from exc
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    cols = [c.strip().lower() for c in header] if header else []
+    if any(c not in cols for c in required):
+        raise CNPError(f"{what} {path}: {header_rule}, got {header!r}")
+    return reader, header, cols
+
+
 def read_label_csv(path: str | os.PathLike, root: str | os.PathLike) -> dict[str, int]:
     """Read a per-image watermark label CSV.
 
@@ -490,18 +507,10 @@ def read_label_csv(path: str | os.PathLike, root: str | os.PathLike) -> dict[str
         twice with different labels; the message names the row.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CNPError(f"label CSV {path} does not exist; pass an existing file (header 'file,watermark') "
-                       "or label_csv=None to build without labels")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CNPError(f"could not read the label CSV {path}: {exc}") from exc
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    cols = [c.strip().lower() for c in header] if header else []
-    if "file" not in cols or "watermark" not in cols:
-        raise CNPError(f"label CSV {path}: the first line must be the header 'file,watermark', got {header!r}")
+    reader, header, cols = _open_csv(
+        path, "label CSV", ("file", "watermark"),
+        "pass an existing file (header 'file,watermark') or label_csv=None to build without labels",
+        "the first line must be the header 'file,watermark'")
     i_file, i_wm = cols.index("file"), cols.index("watermark")
     labels: dict[str, int] = {}
     for lineno, row in enumerate(reader, start=2):
@@ -624,19 +633,11 @@ def read_split_csv(path: str | os.PathLike, root: str | os.PathLike) -> SplitTab
         the row.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CNPError(f"split file {path} does not exist; pass an existing file (header 'file,split') "
-                       "or remove 'splits' from the manifest to select the splits by the seeded rule")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CNPError(f"could not read the split file {path}: {exc}") from exc
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    cols = [c.strip().lower() for c in header] if header else []
-    if "file" not in cols or "split" not in cols:
-        raise CNPError(f"split file {path}: the first line must be a header with the columns file,split "
-                       f"(and optionally label,watermark), got {header!r}")
+    reader, header, cols = _open_csv(
+        path, "split file", ("file", "split"),
+        "pass an existing file (header 'file,split') or remove 'splits' from the manifest to select the "
+        "splits by the seeded rule",
+        "the first line must be a header with the columns file,split (and optionally label,watermark)")
     i_file, i_split = cols.index("file"), cols.index("split")
     i_label = cols.index("label") if "label" in cols else None
     i_wm = cols.index("watermark") if "watermark" in cols else None
