@@ -13,9 +13,10 @@
 # and prints one table (bench/summarize.py). Results go to $OUT when it is set (the device
 # tool's output folder), else to bench/results/gpu-<date> (--tiny: a temporary folder).
 #
-# The GPU image lacks zennit: carry its wheel. Once, here (the folder is git-ignored):
+# The GPU image lacks zennit and torch-pruning: carry their wheels. Once, here (the folder is
+# git-ignored):
 #   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux2014_x86_64 -d .whl zennit==0.5.1
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl zennit==0.5.1 torch-pruning==1.6.1
 # then call the device tool with carry [".whl"] and the command `bash bench/gpu_check.sh`.
 set -u
 cd "$(dirname "$0")/.."
@@ -40,13 +41,13 @@ if [[ -z "$PY" ]]; then
   if python3 -c "import torch" >/dev/null 2>&1; then PY=python3; else PY=.venv/bin/python; fi
 fi
 # --- install what is missing from carried wheels
-if ! "$PY" -c "import zennit" >/dev/null 2>&1; then
+if ! "$PY" -c "import zennit, torch_pruning" >/dev/null 2>&1; then
   if ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       || { echo "installing the carried wheels failed"; exit 1; }
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   else
-    echo "zennit is missing and no wheels were carried (.whl/); see the header of $0"; exit 1
+    echo "zennit or torch-pruning is missing and no wheels were carried (.whl/); see the header of $0"; exit 1
   fi
 fi
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
