@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure as _MplFigure
 
 from cnp.data.splits import SUBGROUPS  # noqa: F401  (the subgroups in the paper's order; c0w1 is the OOD one)
 from cnp.io import CNPError, atomic_write_bytes, atomic_write_text, safe_torch_load
@@ -65,6 +65,15 @@ DEMO_PAIR = "basketball"
 
 
 # ============================================================================ loading
+
+class Figure(_MplFigure):
+    """A pyplot-free matplotlib figure that notebooks show as PNG (``_repr_png_``), with no
+    formatter to register and no global state touched by importing this module."""
+
+    def _repr_png_(self) -> bytes:
+        return figure_png(self)
+
+
 def load_heatmaps(run_dir: str | Path) -> dict | None:
     """The example heatmaps of a run as numpy arrays, or None when the ablate stage has none.
 
@@ -592,20 +601,6 @@ def figure_png(fig: Figure, dpi: int = 110) -> bytes:
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
-
-def _register_ipython_formatter() -> None:
-    """Let IPython show our pyplot-free figures as PNG (the inline backend only registers its
-    formatter once pyplot is used)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover - IPython is a dependency
-        return
-    ip = get_ipython()
-    if ip is not None:
-        ip.display_formatter.formatters["image/png"].for_type(Figure, figure_png)
-
-
-_register_ipython_formatter()
 
 
 __all__ = [

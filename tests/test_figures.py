@@ -133,6 +133,11 @@ def test_fig_subspaces_layout_with_pruned_column_and_titles():
     assert titles[0] == "image" and "ablated" in titles[4] and "AP(wm) 0.99" in titles[4]
     assert "ball share" in titles[2] and "wm share" in titles[2] and titles[-1] == "after CNP pruning"
     assert figures.figure_png(fig).startswith(PNG_MAGIC)
+    # notebooks show the figure as PNG through its own _repr_png_ (no formatter registered on import)
+    from IPython.core.formatters import DisplayFormatter
+
+    shown, _ = DisplayFormatter().format(fig)
+    assert "image/png" in shown
     zero = figures.fig_subspaces(images, sub.sum(1), sub, pruned=np.zeros((n, H, H)), max_images=1)
     assert "no relevance" in zero.axes[-1].texts[0].get_text()
 
