@@ -31,6 +31,7 @@ the rule's relevance exactly, so nothing changes for the layers below.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -412,8 +413,10 @@ def _trace(model: nn.Module, x: torch.Tensor, passthrough) -> tuple[list[nn.Modu
 
     handles = [m.register_forward_pre_hook(pre) for m in leaves]
     handles += [m.register_forward_hook(post) for m in leaves]
+    # the function mode (Python on every torch call) only where a site's output must be followed
+    watch = mode if sites else contextlib.nullcontext()
     try:
-        with torch.no_grad(), mode:
+        with torch.no_grad(), watch:
             model(x[:1])
     finally:
         for h in handles:
