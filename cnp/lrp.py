@@ -105,6 +105,30 @@ def _parse_spec(spec: str) -> tuple[str, float | None]:
     return name, value
 
 
+class NonNegativeZPlus(ZPlus):
+    """zennit's :class:`~zennit.rules.ZPlus` that skips the negative-input term where a layer's
+    input has no negative entry (every layer after a ReLU, i.e. all but the first).
+
+    ZPlus sums two modified passes, ``x+`` through the positive weights and ``x-`` through the
+    negative ones (bias zero). With ``x >= 0`` the second input is all zeros: its output, and its
+    contribution to the denominator and to the relevance, are exactly zero. Computing the first
+    pass alone gives the same relevance to the bit in half the convolutions. An input with a
+    negative entry takes ZPlus's own two passes.
+    """
+
+    def backward(self, module, grad_input, grad_output):
+        original = self.stored_tensors["input"][0]
+        if bool((original < 0).any()):
+            return super().backward(module, grad_input, grad_output)
+        x = original.clamp(min=0).requires_grad_()  # ZPlus's first input modifier
+        with ParamMod.ensure(self.param_modifiers[0])(module) as modified, torch.autograd.enable_grad():
+            out = self.output_modifiers[0](modified.forward(x))
+        grad_out = self.gradient_mapper(grad_output[0], [out])[0]
+        (grad,) = torch.autograd.grad((out,), (x,), grad_outputs=(grad_out,), create_graph=grad_output[0].requires_grad)
+        relevance = x * grad
+        return tuple(relevance if original.shape == relevance.shape else None for original in grad_input)
+
+
 def make_rule(spec: str, cfg: LRPConfig, device=None, bounds=None) -> Hook:
     """A zennit rule from a spec string (see :class:`LRPConfig`).
 
@@ -118,7 +142,7 @@ def make_rule(spec: str, cfg: LRPConfig, device=None, bounds=None) -> Hook:
         # four modified forward/backward passes per layer and multiplies two of them by beta = 0;
         # ZPlus computes the other two with the same arithmetic (identical relevance, to the
         # bit, for finite values) in about half the time.
-        return ZPlus(stabilizer=cfg.stabilizer, zero_params=zp)
+        return NonNegativeZPlus(stabilizer=cfg.stabilizer, zero_params=zp)
     if name == "alpha2beta1":
         return AlphaBeta(alpha=2.0, beta=1.0, stabilizer=cfg.stabilizer, zero_params=zp)
     if name == "epsilon":

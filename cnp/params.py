@@ -28,6 +28,8 @@ PARAM_HELP: dict[str, str] = {
     "device": "auto, cpu or cuda",
     "threads": "torch threads (0: $CNP_THREADS, else all cores)",
     "smoke": "tiny sizes and few steps (a check of the machinery, minutes on a CPU)",
+    "memory_format": "channels_last (NHWC convolutions, faster) or contiguous (NCHW: the arithmetic of versions before 0.4)",
+    "precision": "auto (fine-tunes in bf16 autocast where the device computes bf16 natively: CUDA, CPUs with AVX512-BF16/AMX) or fp32",
     # model
     "arch": "vgg16 (the paper's network) or a torchvision CNN (vgg16_bn, resnet18, resnet50 ...); synthetic: pretrained on the embedded corpus",
     "weights": "imagenet/folder: torchvision weights by name (IMAGENET1K_V1, DEFAULT; '': weights_path, or VGG-16's file in the hub cache; embedded: the embedded benchmark's backbone)",
@@ -103,6 +105,9 @@ PARAM_HELP: dict[str, str] = {
 KEY_NEUTRAL_DEFAULTS: dict[str, Any] = {
     "rr_lambda": 1.0, "data_root": "", "overlay": "auto", "overlay_style": "manifest",
     "arch": "vgg16", "weights": "", "allow_download": False, "expected_sha256": "",
+    # the arithmetic of versions before 0.4 (NCHW convolutions, fp32 fine-tunes): runs recorded
+    # then stay valid at these values; the defaults (channels_last, auto) are keyed
+    "memory_format": "contiguous", "precision": "fp32",
 }
 
 #: Per data set, the values that reproduce earlier runs where they differ from

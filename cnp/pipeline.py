@@ -45,10 +45,14 @@ from cnp.models import FULL_WIDTHS, LAYER_NAMES, load_model, paper_name, save_mo
 from cnp.params import BENCHMARK_DEFAULTS, key_dict  # noqa: F401  (BENCHMARK_DEFAULTS re-exported: the notebooks' defaults)
 from cnp.pruning.schedule import METHOD_SPECS, METHODS
 from cnp.runtime import (
+    MEMORY_FORMATS,
+    PRECISIONS,
     StageTimer,
     configure_threads,
     resolve_device,
+    resolve_precision,
     seed_everything,
+    set_memory_format,
     stage_breakdown,
 )
 
@@ -79,6 +83,9 @@ class Params:
     device: str = "auto"
     threads: int = 0
     smoke: bool = False
+    # arithmetic (not the method): the convolutions' layout and the fine-tunes' precision
+    memory_format: str = "channels_last"  # channels_last (NHWC, faster) or contiguous (NCHW, versions before 0.4)
+    precision: str = "auto"  # auto: fine-tunes in bf16 autocast where the device computes bf16 natively; fp32
     # model: the architecture, where its weights come from
     arch: str = "vgg16"  # vgg16 (the paper), or any torchvision CNN: vgg16_bn, resnet18, resnet50 ...
     weights: str = ""  # imagenet/folder: torchvision weights by name (IMAGENET1K_V1, DEFAULT); "": weights_path
@@ -254,6 +261,11 @@ def make_params(**overrides: Any) -> Params:
 def _validate(p: Params) -> None:
     from cnp.data.synthetic import PAIRS
 
+    if p.memory_format not in MEMORY_FORMATS:
+        raise CNPError(f"memory_format must be one of {MEMORY_FORMATS}, got {p.memory_format!r}")
+    if p.precision not in PRECISIONS:
+        raise CNPError(f"precision must be one of {PRECISIONS}, got {p.precision!r}")
+
     if p.dataset not in DATASETS:
         raise CNPError(f"dataset must be one of {DATASETS}, got {p.dataset!r}")
     # data: the pair (a name, or a manifest file for imagenet/folder), the roots, the real-data overlay
@@ -406,7 +418,7 @@ class Run:
 
     def backbone(self):
         if self._backbone is None:
-            self._backbone = load_pretrained(self.params)
+            self._backbone = set_memory_format(load_pretrained(self.params), self.params.memory_format)
         return self._backbone
 
 
@@ -540,7 +552,9 @@ def _stage_key(p: Params, stage: str) -> str:
     them: the warm-up stage measures the watermark share and the ablate stage the per-subspace
     shares on that many images, so a changed count must not reuse their summaries.
     """
-    d = key_dict(p.to_dict())
+    # the fine-tunes' arithmetic as it resolves on this device: "auto" on a device without native
+    # bf16 is fp32, the same key as precision="fp32"
+    d = key_dict({**p.to_dict(), "precision": resolve_precision(p.precision, resolve_device(p.device))})
     for k in ("run_dir", "device", "threads", "methods", "heatmap_images"):
         d.pop(k)
     order = {"warmup": 0, "augment": 1, "ablate": 2, "prune": 3, "evaluate": 4}
@@ -548,7 +562,7 @@ def _stage_key(p: Params, stage: str) -> str:
         1: ("layer", "K", "d_k", "lrp_variant", "drsa_steps", "drsa_restarts", "n_positions", "subspace_method"),
         2: ("ablate", "ap_threshold", "max_ablate", "ablation_mode"),
         3: ("step", "target", "rate_of", "freeze_drsa_layer", "epochs_per_step", "final_epochs", "ft_lr", "ft_batch_size", "ft_grad_clip", "ranking_data",
-            "aggregation", "normalisation", "finetune_with_virtual_layer", "recompute_drsa", "rr_lambda"),
+            "aggregation", "normalisation", "finetune_with_virtual_layer", "recompute_drsa", "rr_lambda", "precision"),
     }
     for level, keys in groups.items():
         if order[stage] < level:
@@ -676,7 +690,7 @@ def run_warmup(run: Run, verbose: bool = True) -> dict:
 
 def warm_model(run: Run):
     model, _ = load_model(run.dir / "warmup" / "model.pt")
-    return model.to(run.device).eval()
+    return set_memory_format(model.to(run.device).eval(), run.params.memory_format)
 
 
 def run_augment(run: Run, verbose: bool = True) -> dict:
@@ -833,7 +847,8 @@ def run_prune(run: Run, verbose: bool = True) -> dict:
                       aggregation=p.aggregation, normalisation=p.normalisation, protect=(p.protect_layer,),
                       freeze=(p.protect_layer,) if p.freeze_drsa_layer else (),
                       finetune_with_virtual_layer=p.finetune_with_virtual_layer, recompute_drsa=p.recompute_drsa,
-                      rr_lambda=p.rr_lambda, wm_share_images=p.wm_share_images, lrp=LRPConfig(variant=p.lrp_variant))
+                      rr_lambda=p.rr_lambda, wm_share_images=p.wm_share_images, lrp=LRPConfig(variant=p.lrp_variant),
+                      amp=p.precision == "auto", memory_format=p.memory_format)
     curves, timings = dict(summary["curves"]) if summary else {}, dict(summary["timings"]) if summary else {}
     for method in p.methods:
         if method in curves:

@@ -42,6 +42,47 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+#: values of the ``precision`` parameter: ``auto`` fine-tunes in bf16 autocast where the device
+#: computes bf16 natively (:func:`bf16_native`), ``fp32`` everywhere else and always with ``fp32``
+PRECISIONS: tuple[str, ...] = ("auto", "fp32")
+#: values of the ``memory_format`` parameter (the layout of the convolutions' weights and activations)
+MEMORY_FORMATS: tuple[str, ...] = ("channels_last", "contiguous")
+
+
+def bf16_native(device: str | torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware: a CUDA device that supports it, or a CPU with
+    AVX512-BF16 or AMX (elsewhere bf16 is emulated, slower than fp32, and not used)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if dev.type != "cpu":
+        return False
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(f()) for f in checks if f is not None)
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """The arithmetic of the fine-tunes for a ``precision`` parameter on ``device``: ``"bf16"``
+    (autocast) or ``"fp32"``."""
+    if precision not in PRECISIONS:
+        raise CNPError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return "bf16" if precision == "auto" and bf16_native(device) else "fp32"
+
+
+def set_memory_format(model: torch.nn.Module, memory_format: str = "channels_last") -> torch.nn.Module:
+    """Put ``model``'s 4-D weights into ``memory_format`` (in place; returns ``model``).
+
+    With channels_last weights every convolution computes in NHWC whatever its input's layout
+    (oneDNN on the CPU, cuDNN on CUDA): on the embedded benchmark's narrow VGG-16 evaluation
+    runs 1.7x and fine-tuning 1.2x faster than in NCHW on the CPU. The kernels differ, so the
+    float rounding differs from ``"contiguous"`` (the layout of earlier versions).
+    """
+    if memory_format not in MEMORY_FORMATS:
+        raise CNPError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    return model.to(memory_format=fmt)
+
+
 def configure_threads(num_threads: int | None = None) -> int:
     """Set torch's intra-op threads (default: ``CNP_THREADS`` or all cores); return the value."""
     if num_threads is None:

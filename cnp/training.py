@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cnp.data.splits import Split, normalize_images
-from cnp.runtime import progress
+from cnp.runtime import bf16_native, progress
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], kind: str = "sgd", lr: float = 0.01,
@@ -39,6 +39,9 @@ def train_epoch(
 ) -> float:
     """One epoch of cross-entropy training on ``split`` (shuffled by ``generator``); mean loss.
 
+    ``amp``: the forward pass in bf16 autocast where ``device`` computes bf16 natively
+    (:func:`cnp.runtime.bf16_native`: CUDA, CPUs with AVX512-BF16 or AMX); the weights, their
+    gradients and the optimiser stay fp32. Elsewhere ``amp`` is ignored (fp32).
     ``grad_clip > 0`` clips the gradient norm (a heavily pruned network can otherwise take a step
     that kills every ReLU of a layer, after which it predicts one class and cannot recover).
     ``penalty`` (e.g. :class:`cnp.pruning.penalty.ConceptPenalty`) computes the logits and an
@@ -52,11 +55,9 @@ def train_epoch(
     # batch waits for the previous one to finish; one transfer at the end of the epoch
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    use_amp = amp and device.type == "cuda"
+    use_amp = amp and bf16_native(device)
     for x, y in progress(split.batches(batch_size, shuffle=True, generator=generator, device=device),
                          total=(len(split) + batch_size - 1) // batch_size, desc=desc, disable=not verbose):
-        if use_amp:
-            x = x.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             if penalty is not None and penalty_weight > 0:

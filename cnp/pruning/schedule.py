@@ -45,7 +45,7 @@ from cnp.pruning.ranking import (
     select_filters,
 )
 from cnp.pruning.structure import VGGStructure, prunable_structure
-from cnp.runtime import progress
+from cnp.runtime import MEMORY_FORMATS, bf16_native, progress, set_memory_format
 from cnp.training import make_optimizer, train_epoch
 from cnp.virtual_layer import (
     KeptAblation,
@@ -172,7 +172,13 @@ class PruneConfig:
     wm_share_images : int
         Watermarked test images explained per evaluation (0 disables the relevance share).
     amp : bool
-        bf16 autocast + channels_last while fine-tuning on CUDA (LRP always runs in fp32).
+        bf16 autocast while fine-tuning where the device computes bf16 natively (CUDA; CPUs with
+        AVX512-BF16 or AMX, :func:`cnp.runtime.bf16_native`); ranking, LRP and evaluation always
+        run in fp32.
+    memory_format : str
+        ``channels_last`` (NHWC convolutions, faster on CPUs and GPUs) or ``contiguous`` (NCHW,
+        the arithmetic of versions before 0.4); the model is put into it at the start and after
+        every removal.
     lrp : LRPConfig
         LRP rules of the ranking.
     """
@@ -200,6 +206,7 @@ class PruneConfig:
     rr_lambda: float = 1.0
     wm_share_images: int = 200
     amp: bool = True
+    memory_format: str = "channels_last"
     lrp: LRPConfig = field(default_factory=LRPConfig)
 
     def __post_init__(self) -> None:
@@ -228,6 +235,8 @@ class PruneConfig:
             raise CNPError(f"rate_of must be one of {RATE_BASES}, got {self.rate_of!r}")
         if not float(self.rr_lambda) >= 0:
             raise CNPError(f"rr_lambda must be >= 0, got {self.rr_lambda!r}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise CNPError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
         if self.reidentify not in ("overlap", "ap"):
             raise CNPError(f"reidentify must be 'overlap' or 'ap', got {self.reidentify!r}")
         if self.epochs_per_step == 0:
@@ -451,7 +460,7 @@ def run_pruning(
     recompute = spec.recompute or (spec.concept and cfg.recompute_drsa)
     device = torch.device(device)
     image_size = data.image_size
-    model = copy.deepcopy(model).to(device).eval()
+    model = set_memory_format(copy.deepcopy(model).to(device).eval(), cfg.memory_format)
     remove_virtual_layer(model)
     struct = prunable_structure(model, image_size)
     protect = _protected(struct, cfg.protect)
@@ -471,7 +480,7 @@ def run_pruning(
     if not spec.penalty:
         recipe.pop("rr_lambda")  # only the penalised fine-tunes depend on it
     key = recipe_hash({
-        "method": method, "cfg": recipe, "seed": seed,
+        "method": method, "cfg": recipe, "seed": seed, "bf16": bool(cfg.amp and bf16_native(device)),
         "model": tensor_hash(*[v for _, v in sorted(model.state_dict().items())]),
         "data": {k: s.fingerprint() for k, s in data.splits.items()},
         "concept": None if concept_state is None else {
@@ -493,7 +502,7 @@ def run_pruning(
         else:
             model = struct.rebuild(resumed["arch"], model, torch.zeros(1, 3, image_size, image_size, device=device))
         model.load_state_dict(resumed["state_dict"])
-        model.eval()
+        set_memory_format(model.eval(), cfg.memory_format)
         struct = prunable_structure(model, image_size)
         vl = None
         if resumed.get("vl") is not None:
@@ -534,6 +543,7 @@ def run_pruning(
         chosen = select_filters(scores, n_remove, protect, normalise=criterion != "random",
                                 normalisation=cfg.normalisation)
         struct.remove(chosen)
+        set_memory_format(model, cfg.memory_format)  # the removal's new weights are NCHW
         removed_total = goal
         tick("remove", t0)
         t0 = time.perf_counter()
