@@ -29,7 +29,7 @@ PARAM_HELP: dict[str, str] = {
     "threads": "torch threads (0: $CNP_THREADS, else all cores)",
     "smoke": "tiny sizes and few steps (a check of the machinery, minutes on a CPU)",
     "memory_format": "channels_last (NHWC convolutions, faster) or contiguous (NCHW: the arithmetic of versions before 0.4)",
-    "precision": "auto (fine-tunes in bf16 autocast where the device computes bf16 natively: CUDA, CPUs with AVX512-BF16/AMX) or fp32",
+    "precision": "the fine-tunes' arithmetic: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 (also on CPUs with native bf16: AVX512-BF16, AMX), fp32",
     # model
     "arch": "vgg16 (the paper's network) or a torchvision CNN (vgg16_bn, resnet18, resnet50 ...); synthetic: pretrained on the embedded corpus",
     "weights": "imagenet/folder: torchvision weights by name (IMAGENET1K_V1, DEFAULT; '': weights_path, or VGG-16's file in the hub cache; embedded: the embedded benchmark's backbone)",
@@ -105,8 +105,9 @@ PARAM_HELP: dict[str, str] = {
 KEY_NEUTRAL_DEFAULTS: dict[str, Any] = {
     "rr_lambda": 1.0, "data_root": "", "overlay": "auto", "overlay_style": "manifest",
     "arch": "vgg16", "weights": "", "allow_download": False, "expected_sha256": "",
-    # the arithmetic of versions before 0.4 (NCHW convolutions, fp32 fine-tunes): runs recorded
-    # then stay valid at these values; the defaults (channels_last, auto) are keyed
+    # the arithmetic of versions before 0.4 (NCHW convolutions, fp32 fine-tunes on the CPU; the
+    # key holds the precision as resolved on the device): runs recorded then stay valid at these
+    # values; channels_last (the default) and bf16 are keyed
     "memory_format": "contiguous", "precision": "fp32",
 }
 

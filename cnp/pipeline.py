@@ -85,7 +85,7 @@ class Params:
     smoke: bool = False
     # arithmetic (not the method): the convolutions' layout and the fine-tunes' precision
     memory_format: str = "channels_last"  # channels_last (NHWC, faster) or contiguous (NCHW, versions before 0.4)
-    precision: str = "auto"  # auto: fine-tunes in bf16 autocast where the device computes bf16 natively; fp32
+    precision: str = "auto"  # the fine-tunes: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 (also on CPUs with native bf16), fp32
     # model: the architecture, where its weights come from
     arch: str = "vgg16"  # vgg16 (the paper), or any torchvision CNN: vgg16_bn, resnet18, resnet50 ...
     weights: str = ""  # imagenet/folder: torchvision weights by name (IMAGENET1K_V1, DEFAULT); "": weights_path
@@ -848,7 +848,7 @@ def run_prune(run: Run, verbose: bool = True) -> dict:
                       freeze=(p.protect_layer,) if p.freeze_drsa_layer else (),
                       finetune_with_virtual_layer=p.finetune_with_virtual_layer, recompute_drsa=p.recompute_drsa,
                       rr_lambda=p.rr_lambda, wm_share_images=p.wm_share_images, lrp=LRPConfig(variant=p.lrp_variant),
-                      amp=p.precision == "auto", memory_format=p.memory_format)
+                      precision=p.precision, memory_format=p.memory_format)
     curves, timings = dict(summary["curves"]) if summary else {}, dict(summary["timings"]) if summary else {}
     for method in p.methods:
         if method in curves:
@@ -906,6 +906,9 @@ def run_evaluate(run: Run, verbose: bool = True) -> dict:
                  "wm_relevance_share": abl["wm_relevance_share"], "ablated": abl["ablated"]},
         "curves": {m: [_curve_entry(e) for e in c] for m, c in pr["curves"].items()},
         "timings_s": timings,
+        # the arithmetic the numbers come from (the fine-tunes' precision as resolved on this device)
+        "compute": {"device": run.device.type, "memory_format": p.memory_format,
+                    "precision": resolve_precision(p.precision, run.device), "torch": torch.__version__},
     }
     atomic_write_json(run.dir / "metrics.json", metrics)
     if verbose:

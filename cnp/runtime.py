@@ -42,9 +42,11 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
-#: values of the ``precision`` parameter: ``auto`` fine-tunes in bf16 autocast where the device
-#: computes bf16 natively (:func:`bf16_native`), ``fp32`` everywhere else and always with ``fp32``
-PRECISIONS: tuple[str, ...] = ("auto", "fp32")
+#: values of the ``precision`` parameter (the fine-tunes' arithmetic; ranking, LRP and evaluation
+#: are always fp32): ``auto`` = bf16 autocast on CUDA, fp32 on the CPU; ``bf16`` = bf16 autocast
+#: on every device that computes bf16 natively (:func:`bf16_native`; fp32 elsewhere, where bf16
+#: would be emulated and slower); ``fp32`` everywhere
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 #: values of the ``memory_format`` parameter (the layout of the convolutions' weights and activations)
 MEMORY_FORMATS: tuple[str, ...] = ("channels_last", "contiguous")
 
@@ -62,11 +64,13 @@ def bf16_native(device: str | torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:
-    """The arithmetic of the fine-tunes for a ``precision`` parameter on ``device``: ``"bf16"``
-    (autocast) or ``"fp32"``."""
+    """The arithmetic of the fine-tunes for a ``precision`` parameter (:data:`PRECISIONS`) on
+    ``device``: ``"bf16"`` (autocast) or ``"fp32"``."""
     if precision not in PRECISIONS:
         raise CNPError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return "bf16" if precision == "auto" and bf16_native(device) else "fp32"
+    if precision == "fp32" or (precision == "auto" and torch.device(device).type != "cuda"):
+        return "fp32"
+    return "bf16" if bf16_native(device) else "fp32"
 
 
 def set_memory_format(model: torch.nn.Module, memory_format: str = "channels_last") -> torch.nn.Module:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cnp.data.splits import Split, normalize_images
-from cnp.runtime import bf16_native, progress
+from cnp.runtime import progress
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], kind: str = "sgd", lr: float = 0.01,
@@ -39,9 +39,8 @@ def train_epoch(
 ) -> float:
     """One epoch of cross-entropy training on ``split`` (shuffled by ``generator``); mean loss.
 
-    ``amp``: the forward pass in bf16 autocast where ``device`` computes bf16 natively
-    (:func:`cnp.runtime.bf16_native`: CUDA, CPUs with AVX512-BF16 or AMX); the weights, their
-    gradients and the optimiser stay fp32. Elsewhere ``amp`` is ignored (fp32).
+    ``amp``: the forward pass in bf16 autocast (the weights, their gradients and the optimiser
+    stay fp32); :func:`cnp.runtime.resolve_precision` says where that is worth it.
     ``grad_clip > 0`` clips the gradient norm (a heavily pruned network can otherwise take a step
     that kills every ReLU of a layer, after which it predicts one class and cannot recover).
     ``penalty`` (e.g. :class:`cnp.pruning.penalty.ConceptPenalty`) computes the logits and an
@@ -55,7 +54,7 @@ def train_epoch(
     # batch waits for the previous one to finish; one transfer at the end of the epoch
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    use_amp = amp and bf16_native(device)
+    use_amp = bool(amp)
     for x, y in progress(split.batches(batch_size, shuffle=True, generator=generator, device=device),
                          total=(len(split) + batch_size - 1) // batch_size, desc=desc, disable=not verbose):
         optimizer.zero_grad(set_to_none=True)

@@ -45,7 +45,7 @@ from cnp.pruning.ranking import (
     select_filters,
 )
 from cnp.pruning.structure import VGGStructure, prunable_structure
-from cnp.runtime import MEMORY_FORMATS, bf16_native, progress, set_memory_format
+from cnp.runtime import MEMORY_FORMATS, PRECISIONS, progress, resolve_precision, set_memory_format
 from cnp.training import make_optimizer, train_epoch
 from cnp.virtual_layer import (
     KeptAblation,
@@ -172,9 +172,12 @@ class PruneConfig:
     wm_share_images : int
         Watermarked test images explained per evaluation (0 disables the relevance share).
     amp : bool
-        bf16 autocast while fine-tuning where the device computes bf16 natively (CUDA; CPUs with
-        AVX512-BF16 or AMX, :func:`cnp.runtime.bf16_native`); ranking, LRP and evaluation always
-        run in fp32.
+        Allow bf16 autocast in the fine-tunes where ``precision`` asks for it (``False``: fp32
+        everywhere).
+    precision : str
+        The fine-tunes' arithmetic (:data:`cnp.runtime.PRECISIONS`): ``auto`` = bf16 autocast on
+        CUDA, fp32 on the CPU; ``bf16`` = bf16 autocast also on CPUs with native bf16
+        (AVX512-BF16, AMX); ``fp32``. Ranking, LRP and evaluation always run in fp32.
     memory_format : str
         ``channels_last`` (NHWC convolutions, faster on CPUs and GPUs) or ``contiguous`` (NCHW,
         the arithmetic of versions before 0.4); the model is put into it at the start and after
@@ -206,6 +209,7 @@ class PruneConfig:
     rr_lambda: float = 1.0
     wm_share_images: int = 200
     amp: bool = True
+    precision: str = "auto"
     memory_format: str = "channels_last"
     lrp: LRPConfig = field(default_factory=LRPConfig)
 
@@ -235,6 +239,8 @@ class PruneConfig:
             raise CNPError(f"rate_of must be one of {RATE_BASES}, got {self.rate_of!r}")
         if not float(self.rr_lambda) >= 0:
             raise CNPError(f"rr_lambda must be >= 0, got {self.rr_lambda!r}")
+        if self.precision not in PRECISIONS:
+            raise CNPError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.memory_format not in MEMORY_FORMATS:
             raise CNPError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
         if self.reidentify not in ("overlap", "ap"):
@@ -335,6 +341,11 @@ def _feature_size(model: torch.nn.Module, host, image_size: int) -> int:
     return int(layer_output_shape(model, name, image_size)[-1])
 
 
+def _bf16(cfg: PruneConfig, device) -> bool:
+    """Whether the fine-tunes run in bf16 autocast on ``device``."""
+    return bool(cfg.amp) and resolve_precision(cfg.precision, device) == "bf16"
+
+
 def _finetune(model: torch.nn.Module, data: PairData, cfg: PruneConfig, epochs: int, seed_parts, device,
               use_vl: bool, verbose: bool, penalty: ConceptPenalty | None = None) -> None:
     if epochs == 0:
@@ -354,7 +365,7 @@ def _finetune(model: torch.nn.Module, data: PairData, cfg: PruneConfig, epochs: 
     try:
         for e in range(epochs):
             train_epoch(model, data["train"], opt, g, cfg.batch_size, device, desc=f"fine-tune {e + 1}/{epochs}",
-                        amp=cfg.amp, verbose=verbose, grad_clip=cfg.grad_clip, penalty=penalty,
+                        amp=_bf16(cfg, device), verbose=verbose, grad_clip=cfg.grad_clip, penalty=penalty,
                         penalty_weight=penalty.weight if penalty is not None else 0.0)
     finally:
         for p in model.parameters():
@@ -480,7 +491,7 @@ def run_pruning(
     if not spec.penalty:
         recipe.pop("rr_lambda")  # only the penalised fine-tunes depend on it
     key = recipe_hash({
-        "method": method, "cfg": recipe, "seed": seed, "bf16": bool(cfg.amp and bf16_native(device)),
+        "method": method, "cfg": recipe, "seed": seed, "bf16": _bf16(cfg, device),
         "model": tensor_hash(*[v for _, v in sorted(model.state_dict().items())]),
         "data": {k: s.fingerprint() for k, s in data.splits.items()},
         "concept": None if concept_state is None else {

@@ -158,6 +158,18 @@ class _StallWatchdog:
                 return
 
 
+class _RunParametersFilter:
+    """Drops papermill's "Passed unknown parameter" warning: a run passes every run parameter
+    to each notebook on purpose (``notebook_params(globals())`` reads them all, also those its
+    parameters cell does not list), so the warning says nothing wrong."""
+
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith("Passed unknown parameter")
+
+
+_PARAMETERS_FILTER = _RunParametersFilter()
+
+
 def execute(src: Path, dst: Path, parameters: Mapping[str, Any], kernel: str = KERNEL,
             cwd: Path | None = None, stall_s: float | None = None) -> None:
     """Execute one notebook with papermill (raises on a failing cell; ``dst`` keeps the error).
@@ -166,8 +178,13 @@ def execute(src: Path, dst: Path, parameters: Mapping[str, Any], kernel: str = K
     ``$CNP_KERNEL_STALL_S``, else KERNEL_STALL_S) and :class:`KernelStalled` is raised instead of
     waiting forever.
     """
+    import logging
+
     import papermill
 
+    log = logging.getLogger("papermill")
+    if _PARAMETERS_FILTER not in log.filters:
+        log.addFilter(_PARAMETERS_FILTER)
     if stall_s is None:
         stall_s = float(os.environ.get("CNP_KERNEL_STALL_S", KERNEL_STALL_S))
     dst.parent.mkdir(parents=True, exist_ok=True)
