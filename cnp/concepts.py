@@ -125,13 +125,14 @@ def fit_concepts(
     model: nn.Module, split: Split, K: int = 4, layer: str = "relu4_3", steps: int = 500,
     restarts: int = 3, seed: int = 0, n_positions: int = 20, method: str = "drsa",
     lrp_config: LRPConfig | None = None, device: torch.device | str = "cpu", init: torch.Tensor | None = None,
-    checkpoint=None, keep_data: bool = False, verbose: bool = True,
+    checkpoint=None, keep_data: bool = False, verbose: bool = True, precision: str = "auto",
 ) -> ConceptFit:
     """Learn K concept subspaces at ``layer`` from the positive images of ``split``.
 
     ``method='drsa'`` (the paper), ``'prca'`` (baseline: PRCA eigenbasis cut into K blocks) or
     ``'oracle'`` (:func:`watermark_oracle_basis` from the split's watermark masks: subspace 0 is
-    the watermark's; no relevance is used, ``J`` is NaN).
+    the watermark's; no relevance is used, ``J`` is NaN). ``precision``: DRSA's GEMMs
+    (:func:`cnp.drsa.fit`; ``auto``: bf16 where the device computes it natively).
     """
     if method == "oracle":
         on, off = watermark_positions(model, split, layer, device=device)
@@ -148,7 +149,7 @@ def fit_concepts(
     if method != "drsa":
         raise CNPError(f"unknown subspace method {method!r}; use 'drsa', 'prca' or 'oracle'")
     res = drsa.fit(An.to(device), Cn.to(device), K, steps, init=init, restarts=restarts, seed=seed,
-                   progress=verbose, checkpoint=checkpoint)
+                   progress=verbose, checkpoint=checkpoint, precision=precision)
     return ConceptFit(U=res.U.cpu(), K=K, J=float(res.J), history=[float(v) for v in res.history],
                       layer=layer, A=A if keep_data else None, C=C if keep_data else None)
 

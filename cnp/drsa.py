@@ -47,7 +47,7 @@ import torch
 
 from cnp.io import CNPError, atomic_torch_save, safe_torch_load, tensor_hash
 from cnp.runtime import progress as _progress_bar
-from cnp.runtime import resolve_device
+from cnp.runtime import bf16_native, resolve_device
 
 __all__ = [
     "DRSAResult",
@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 ORTH_METHODS = ("eigh", "newton-schulz")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 CHECKPOINT_FORMAT = "cnp.drsa.fit/1"
 
 
@@ -689,7 +689,7 @@ def fit(
     lr: float = 1.0,
     device: str | torch.device | None = None,
     orth: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     ns_iters: int = 14,
     ortho_tol: float | None = None,
     progress: bool = True,
@@ -736,13 +736,17 @@ def fit(
         trajectory to 5e-7. The Newton-Schulz result is checked every step on the device
         (``max |U^T U - I|``); if a check exceeds ``ortho_tol`` the fit warns,
         re-orthonormalises with ``"eigh"`` and uses ``"eigh"`` from then on.
-    precision : {"fp32", "bf16"}
-        ``"fp32"`` (default): every operation in the working dtype. ``"bf16"``: the two large
+    precision : {"auto", "fp32", "bf16"}
+        ``"auto"`` (default): ``"bf16"`` for float32 data on a device that computes bf16
+        natively (:func:`cnp.runtime.bf16_native`: CUDA, CPUs with AVX512-BF16 or AMX), else
+        ``"fp32"``. ``"fp32"``: every operation in the working dtype. ``"bf16"``: the two large
         GEMMs (``[A; C] U`` and ``[A; C]^T G``, nearly all the flops) take bfloat16 inputs and
         outputs with float32 accumulation; the relevances, the gradient assembly, the
         orthogonalisation and the returned ``J`` stay exact. Roughly 3-4x faster GEMMs on a CPU
-        with AVX512-BF16 and on GPUs; on the golden data the ``J`` history deviates by up to
-        7e-4 (relative) from the official code and the final ``J`` by 1e-5.
+        with AVX512-BF16 and on GPUs (the whole fit 2.4-2.6x faster on one CPU thread at D = 128,
+        256 and 512, ``bench/bench_drsa.py``); on the golden data the ``J`` history deviates by
+        up to 7e-4 (relative) from the official code and the final ``J`` by 1e-5 (1e-4 at D = 128,
+        N = 6000, 300 steps).
     ns_iters : int
         Newton-Schulz iterations per step.
     ortho_tol : float, optional
@@ -802,6 +806,8 @@ def fit(
 
     dev = A.device if device is None else resolve_device(device)
     dtype = _work_dtype(A)
+    if precision == "auto":
+        precision = "bf16" if dtype == torch.float32 and bf16_native(dev) else "fp32"
     orth_requested = orth
     orth = _resolve_orth(orth, dev)
     if ortho_tol is None:

@@ -29,6 +29,7 @@ PARAM_HELP: dict[str, str] = {
     "threads": "torch threads (0: $CNP_THREADS, else all cores)",
     "smoke": "tiny sizes and few steps (a check of the machinery, minutes on a CPU)",
     "memory_format": "channels_last (NHWC convolutions, faster) or contiguous (NCHW: the arithmetic of versions before 0.4)",
+    "drsa_precision": "DRSA's two large GEMMs: auto (bf16 where the device computes it natively, else fp32), bf16, fp32",
     "precision": "the fine-tunes' arithmetic: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 (also on CPUs with native bf16: AVX512-BF16, AMX), fp32",
     # model
     "arch": "vgg16 (the paper's network) or a torchvision CNN (vgg16_bn, resnet18, resnet50 ...); synthetic: pretrained on the embedded corpus",
@@ -108,7 +109,7 @@ KEY_NEUTRAL_DEFAULTS: dict[str, Any] = {
     # the arithmetic of versions before 0.4 (NCHW convolutions, fp32 fine-tunes on the CPU; the
     # key holds the precision as resolved on the device): runs recorded then stay valid at these
     # values; channels_last (the default) and bf16 are keyed
-    "memory_format": "contiguous", "precision": "fp32",
+    "memory_format": "contiguous", "precision": "fp32", "drsa_precision": "fp32",
 }
 
 #: Per data set, the values that reproduce earlier runs where they differ from

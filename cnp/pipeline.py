@@ -86,6 +86,7 @@ class Params:
     # arithmetic (not the method): the convolutions' layout and the fine-tunes' precision
     memory_format: str = "channels_last"  # channels_last (NHWC, faster) or contiguous (NCHW, versions before 0.4)
     precision: str = "auto"  # the fine-tunes: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 (also on CPUs with native bf16), fp32
+    drsa_precision: str = "auto"  # DRSA's GEMMs: auto (bf16 where the device computes it natively), bf16, fp32
     # model: the architecture, where its weights come from
     arch: str = "vgg16"  # vgg16 (the paper), or any torchvision CNN: vgg16_bn, resnet18, resnet50 ...
     weights: str = ""  # imagenet/folder: torchvision weights by name (IMAGENET1K_V1, DEFAULT); "": weights_path
@@ -265,6 +266,8 @@ def _validate(p: Params) -> None:
         raise CNPError(f"memory_format must be one of {MEMORY_FORMATS}, got {p.memory_format!r}")
     if p.precision not in PRECISIONS:
         raise CNPError(f"precision must be one of {PRECISIONS}, got {p.precision!r}")
+    if p.drsa_precision not in PRECISIONS:
+        raise CNPError(f"drsa_precision must be one of {PRECISIONS}, got {p.drsa_precision!r}")
 
     if p.dataset not in DATASETS:
         raise CNPError(f"dataset must be one of {DATASETS}, got {p.dataset!r}")
@@ -545,6 +548,15 @@ def _lrp_config(p: Params):
     return LRPConfig(variant=p.lrp_variant)
 
 
+def _drsa_precision(p: Params, device) -> str:
+    """DRSA's arithmetic as it resolves on ``device`` (``cnp.drsa.fit``'s ``auto`` rule)."""
+    from cnp.runtime import bf16_native
+
+    if p.drsa_precision == "auto":
+        return "bf16" if bf16_native(device) else "fp32"
+    return p.drsa_precision
+
+
 def _stage_key(p: Params, stage: str) -> str:
     """Hash of the parameters a stage depends on (later stages include earlier ones).
 
@@ -554,12 +566,15 @@ def _stage_key(p: Params, stage: str) -> str:
     """
     # the fine-tunes' arithmetic as it resolves on this device: "auto" on a device without native
     # bf16 is fp32, the same key as precision="fp32"
-    d = key_dict({**p.to_dict(), "precision": resolve_precision(p.precision, resolve_device(p.device))})
+    dev = resolve_device(p.device)
+    d = key_dict({**p.to_dict(), "precision": resolve_precision(p.precision, dev),
+                  "drsa_precision": _drsa_precision(p, dev)})
     for k in ("run_dir", "device", "threads", "methods", "heatmap_images"):
         d.pop(k)
     order = {"warmup": 0, "augment": 1, "ablate": 2, "prune": 3, "evaluate": 4}
     groups = {
-        1: ("layer", "K", "d_k", "lrp_variant", "drsa_steps", "drsa_restarts", "n_positions", "subspace_method"),
+        1: ("layer", "K", "d_k", "lrp_variant", "drsa_steps", "drsa_restarts", "n_positions", "subspace_method",
+            "drsa_precision"),
         2: ("ablate", "ap_threshold", "max_ablate", "ablation_mode"),
         3: ("step", "target", "rate_of", "freeze_drsa_layer", "epochs_per_step", "final_epochs", "ft_lr", "ft_batch_size", "ft_grad_clip", "ranking_data",
             "aggregation", "normalisation", "finetune_with_virtual_layer", "recompute_drsa", "rr_lambda", "precision"),
@@ -712,7 +727,8 @@ def run_augment(run: Run, verbose: bool = True) -> dict:
         fit = fit_concepts(model, run.data()["drsa"], K=p.K, layer=p.drsa_layer, steps=p.drsa_steps,
                            restarts=p.drsa_restarts, seed=p.seed, n_positions=p.n_positions,
                            method=p.subspace_method, lrp_config=_lrp_config(p), device=run.device,
-                           checkpoint=run.dir / "augment" / "drsa_checkpoint.pt", verbose=verbose)
+                           checkpoint=run.dir / "augment" / "drsa_checkpoint.pt", verbose=verbose,
+                           precision=_drsa_precision(p, run.device))
         x = run.data()["test"].images[:16]
         from cnp.data.splits import normalize_images
 
@@ -848,7 +864,7 @@ def run_prune(run: Run, verbose: bool = True) -> dict:
                       freeze=(p.protect_layer,) if p.freeze_drsa_layer else (),
                       finetune_with_virtual_layer=p.finetune_with_virtual_layer, recompute_drsa=p.recompute_drsa,
                       rr_lambda=p.rr_lambda, wm_share_images=p.wm_share_images, lrp=LRPConfig(variant=p.lrp_variant),
-                      precision=p.precision, memory_format=p.memory_format)
+                      precision=p.precision, memory_format=p.memory_format, drsa_precision=p.drsa_precision)
     curves, timings = dict(summary["curves"]) if summary else {}, dict(summary["timings"]) if summary else {}
     for method in p.methods:
         if method in curves:
@@ -908,7 +924,8 @@ def run_evaluate(run: Run, verbose: bool = True) -> dict:
         "timings_s": timings,
         # the arithmetic the numbers come from (the fine-tunes' precision as resolved on this device)
         "compute": {"device": run.device.type, "memory_format": p.memory_format,
-                    "precision": resolve_precision(p.precision, run.device), "torch": torch.__version__},
+                    "precision": resolve_precision(p.precision, run.device),
+                    "drsa_precision": _drsa_precision(p, run.device), "torch": torch.__version__},
     }
     atomic_write_json(run.dir / "metrics.json", metrics)
     if verbose:

@@ -163,6 +163,8 @@ class PruneConfig:
         Beyond the paper: recompute DRSA after each fine-tune, warm-started from the previous U.
     recompute_steps : int
         DRSA steps of each recomputation.
+    drsa_precision : str
+        The recomputations' DRSA arithmetic (:func:`cnp.drsa.fit`'s ``precision``).
     reidentify : str
         How the ablated subspaces are found again after a recomputation: ``overlap`` (largest
         overlap with the previous ablated subspaces; needs no labels) or ``ap`` (latent analysis
@@ -205,6 +207,7 @@ class PruneConfig:
     finetune_with_virtual_layer: bool = False
     recompute_drsa: bool = False
     recompute_steps: int = 100
+    drsa_precision: str = "auto"
     reidentify: str = "overlap"
     rr_lambda: float = 1.0
     wm_share_images: int = 200
@@ -241,6 +244,8 @@ class PruneConfig:
             raise CNPError(f"rr_lambda must be >= 0, got {self.rr_lambda!r}")
         if self.precision not in PRECISIONS:
             raise CNPError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.drsa_precision not in PRECISIONS:
+            raise CNPError(f"drsa_precision must be one of {PRECISIONS}, got {self.drsa_precision!r}")
         if self.memory_format not in MEMORY_FORMATS:
             raise CNPError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
         if self.reidentify not in ("overlap", "ap"):
@@ -400,7 +405,7 @@ def _recompute_concepts(model: torch.nn.Module, vl: VirtualLayer, data: PairData
     try:
         fit = fit_concepts(model, data["drsa"], K=vl.K, layer=vl.layer_name, steps=cfg.recompute_steps,
                            restarts=1, seed=seed + step, init=old_U.cpu(), lrp_config=cfg.lrp, device=device,
-                           verbose=False)
+                           verbose=False, precision=cfg.drsa_precision)
     except CNPError as exc:
         if "diverged" not in str(exc):
             raise
