@@ -546,3 +546,16 @@ def test_parameters_cells_declare_their_types():
             if var in hints and var != "methods":
                 want = hints[var].__name__
                 assert ann in (want, f"{want} | None"), f"{name}: {var}: {ann} (Params says {want})"
+
+
+@pytest.mark.parametrize("module", ["cnp.sweep", "cnp.claims", "cnp.data", "cnp.notebooks"])
+def test_help_texts_hold_no_raw_markup(module):
+    """--help is read in a terminal: no reStructuredText markup (``code``, :func:) in it."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout
+    for markup in ("``", ":func:", ":class:", ":mod:"):
+        assert markup not in out.stdout, f"{module} --help holds {markup!r}"

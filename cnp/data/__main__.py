@@ -50,7 +50,8 @@ def _parse_params(items: Sequence[str]) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m cnp.data``."""
-    ap = argparse.ArgumentParser(prog="python -m cnp.data", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m cnp.data",
+                                 description="Manifests for your own data, and the embedded benchmark on disk.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 

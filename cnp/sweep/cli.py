@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     width = max(len(k) for k in PRESETS)
     ap = argparse.ArgumentParser(
-        prog="python -m cnp.sweep", description=__doc__.split("\n\n")[0],
+        prog="python -m cnp.sweep",
+        description="Run notebooks 01-05 per (pair, seed) with papermill, then 06 (the figures); resumable.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="presets (--preset NAME):\n" + "\n".join(
             f"  {k.ljust(width)}  {v['doc']} ({v.get('time', 'time not measured')})" for k, v in PRESETS.items())
