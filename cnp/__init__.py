@@ -42,7 +42,7 @@ import importlib
 
 from cnp.io import CNPError
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 _PUBLIC: dict[str, str] = {
     "as_split": "cnp.api", "pair_data": "cnp.api", "benchmark_pair": "cnp.api",
