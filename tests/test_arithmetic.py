@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import random_images
 from zennit.rules import ZPlus
 
 import cnp.lrp as lrp_mod
@@ -14,8 +15,6 @@ import cnp.runtime as runtime
 from cnp.io import CNPError
 from cnp.lrp import LRP, LRPConfig, NonNegativeZPlus
 from cnp.runtime import resolve_precision, set_memory_format
-
-from conftest import random_images
 
 
 def _normalised(n: int = 6, size: int = 32) -> torch.Tensor:
