@@ -44,6 +44,7 @@ from torch import nn
 from cnp.data.splits import PairData, Split
 from cnp.io import CNPError, atomic_write_json
 from cnp.models import count_macs, count_params
+from cnp.runtime import set_memory_format
 
 SPLIT_NAMES = ("train", "drsa", "rank", "val", "test")
 
@@ -308,7 +309,8 @@ def export_model(model: nn.Module, path: str | os.PathLike, image_size: int, *,
 
     base = Path(path)
     base.parent.mkdir(parents=True, exist_ok=True)
-    m = copy.deepcopy(model).cpu().eval()
+    # NCHW weights: the exported program and state dict do not carry the run's memory layout
+    m = set_memory_format(copy.deepcopy(model).cpu().eval(), "contiguous")
     remove_virtual_layer(m)
     kept = get_kept_ablation(m)
     x = torch.zeros(2, 3, image_size, image_size)

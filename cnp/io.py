@@ -150,8 +150,9 @@ def tensor_hash(*tensors: torch.Tensor, length: int = 16) -> str:
     for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        if t.ndim == 0:  # a scalar (e.g. BatchNorm's num_batches_tracked): view its bytes as 1-D
-            t = t.reshape(1)
+        # the values in logical order, 1-D (a scalar, e.g. BatchNorm's counter, and a channels_last
+        # (n, c, 1, 1) weight, which counts as contiguous with a last stride of c, alike)
+        t = t.reshape(-1)
         h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself, no copy
     return h.hexdigest()[:length]
 

@@ -170,3 +170,40 @@ def test_arithmetic_parameters_are_validated_and_keyed(monkeypatch):
     # that of precision="fp32"
     monkeypatch.setattr("cnp.pipeline.resolve_precision", lambda precision, device: "fp32")
     assert _stage_key(new, "prune") == _stage_key(fmt, "prune")
+
+
+def test_tensor_hash_ignores_the_memory_format():
+    """A channels_last tensor hashes like its NCHW copy, also a (n, c, 1, 1) weight (which counts
+    as contiguous although its last stride is c), and the hash of a plain tensor is unchanged."""
+    import hashlib
+
+    from cnp.io import tensor_hash
+
+    for shape in [(64, 3, 1, 1), (8, 4, 3, 3)]:
+        w = torch.randn(*shape)
+        cl = w.contiguous(memory_format=torch.channels_last)
+        assert tensor_hash(cl) == tensor_hash(w) == tensor_hash(w.clone())
+    assert tensor_hash(torch.tensor(3)) == tensor_hash(torch.tensor(3))
+    assert tensor_hash(torch.tensor(3)) != tensor_hash(torch.tensor(4))
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    ref = hashlib.sha256(str(((2, 3), "torch.float32")).encode() + x.numpy().tobytes()).hexdigest()[:16]
+    assert tensor_hash(x) == ref  # the bytes hashed are the values' own, as before
+
+
+def test_export_of_a_channels_last_model_is_nchw_and_quiet(tmp_path):
+    """A pruned model comes out of the schedule in channels_last; its export is NCHW, with no
+    warning from torch.export's packaging about the weights' strides."""
+    import warnings
+
+    import torchvision
+
+    import cnp
+
+    m = set_memory_format(torchvision.models.resnet18(num_classes=2).eval(), "channels_last")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cnp.export_model(m, tmp_path / "m", image_size=32)
+    assert not [w for w in caught if "tensor" in str(w.message).lower()], [str(w.message) for w in caught]
+    state = torch.load(next(tmp_path.glob("m*.state.pt")), weights_only=False)
+    weights = state["state_dict"] if "state_dict" in state else state
+    assert all(v.is_contiguous() and (v.ndim < 4 or v.stride(-1) == 1) for v in weights.values() if torch.is_tensor(v))
