@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 from cnp.io import CNPError, atomic_torch_save, safe_torch_load, tensor_hash
-from cnp.runtime import progress as _progress_bar
 from cnp.runtime import bf16_native, resolve_device
+from cnp.runtime import progress as _progress_bar
 
 __all__ = [
     "DRSAResult",
