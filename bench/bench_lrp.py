@@ -50,7 +50,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cnp.data.splits import input_bounds  # noqa: E402
+from cnp.images import input_bounds  # noqa: E402
 from cnp.io import atomic_write_json  # noqa: E402
 from cnp.lrp import LRP, LRPConfig  # noqa: E402
 from cnp.models import VGG, block_widths_to_conv_widths, full_vgg16  # noqa: E402

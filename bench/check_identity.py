@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cnp.data.splits import normalize_images  # noqa: E402
 from cnp.data.synthetic import PairConfig, make_pair  # noqa: E402
 from cnp.drsa import random_orthogonal  # noqa: E402
 from cnp.evaluate import subgroup_accuracy, wm_relevance_share  # noqa: E402
+from cnp.images import normalize_images  # noqa: E402
 from cnp.lrp import LRP, LRPConfig, contexts  # noqa: E402
 from cnp.models import VGG, block_widths_to_conv_widths  # noqa: E402
 from cnp.pruning import PruneConfig, run_pruning  # noqa: E402

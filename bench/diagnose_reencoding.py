@@ -32,12 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cnp.data.splits import normalize_images  # noqa: E402
 from cnp.evaluate import subgroup_accuracy  # noqa: E402
+from cnp.images import normalize_images  # noqa: E402
 from cnp.io import atomic_write_json, safe_torch_load  # noqa: E402
 from cnp.lrp import attach_site  # noqa: E402
 from cnp.models import vgg_from_arch  # noqa: E402
-from cnp.pipeline import Params, Run, make_params  # noqa: E402
+from cnp.params import FIELDS  # noqa: E402
+from cnp.pipeline import Run, make_params  # noqa: E402
 from cnp.pruning import ConceptPenalty  # noqa: E402
 from cnp.results import load_runs  # noqa: E402
 from cnp.virtual_layer import KeptAblation, get_kept_ablation, kept_from_state  # noqa: E402
@@ -45,7 +46,7 @@ from cnp.virtual_layer import KeptAblation, get_kept_ablation, kept_from_state  
 
 def measure_run(run_dir: Path) -> dict[str, dict[str, float]]:
     params = json.loads((run_dir / "params.json").read_text())
-    known = set(Params.__dataclass_fields__)
+    known = set(FIELDS)
     p = make_params(**{k: v for k, v in params.items() if k in known and k != "run_dir"}, run_dir=str(run_dir))
     run = Run(p)
     data = run.data()

@@ -303,8 +303,9 @@ def export_model(model: nn.Module, path: str | os.PathLike, image_size: int, *,
     """
     import copy
 
+    from cnp.images import IMAGENET_MEAN, IMAGENET_STD
     from cnp.io import atomic_torch_save
-    from cnp.models import IMAGENET_MEAN, IMAGENET_STD, VGG
+    from cnp.models import VGG
     from cnp.virtual_layer import get_kept_ablation, remove_virtual_layer
 
     base = Path(path)

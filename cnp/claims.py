@@ -51,7 +51,7 @@ HARD_VANILLA_OVERALL = 0.65
 
 def is_control(run: RunRecord) -> bool:
     """True for a no-shortcut control run: the watermark is as frequent in the negative class as
-    in the positive one (``params.wm_rate_pos == params.wm_rate_neg``)."""
+    in the positive one (``wm_rate_pos == wm_rate_neg`` in its ``params``)."""
     p = run.metrics.get("params", {})
     a, b = p.get("wm_rate_pos"), p.get("wm_rate_neg")
     try:

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from cnp import drsa
-from cnp.data.splits import Split, normalize_images
+from cnp.data.splits import Split
 from cnp.evaluate import mask_share, pixel_relevance
+from cnp.images import normalize_images
 from cnp.io import CNPError
 from cnp.lrp import LRP, LRPConfig, contexts
 from cnp.models import layer_outputs

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnp.io import CNPError, atomic_torch_save, safe_torch_load, tensor_hash
+from cnp.io import CNPError, atomic_torch_save, load_current, tensor_hash
 from cnp.runtime import bf16_native, resolve_device
 from cnp.runtime import progress as _progress_bar
 
@@ -627,54 +627,30 @@ def _load_checkpoint(
     path: Path, meta: dict[str, Any], R: int, D: int, steps: int
 ) -> dict[str, Any] | None:
     """A matching checkpoint's state, or ``None`` (with a warning saying why it is ignored)."""
-    if not path.exists():
-        return None
-    try:
-        state = safe_torch_load(path)
-    except CNPError as exc:
-        warnings.warn(
-            f"DRSA checkpoint {path} is unreadable and is ignored; the fit starts from scratch "
-            f"and will overwrite it. ({exc})",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-    if not isinstance(state, dict) or state.get("meta") != meta:
-        old = state.get("meta") if isinstance(state, dict) else None
-        diff = sorted(k for k in meta if old.get(k) != meta[k]) if isinstance(old, dict) else []
-        warnings.warn(
-            f"DRSA checkpoint {path} was written for different arguments (differs in: "
-            f"{', '.join(diff) or 'format'}); it is ignored and will be overwritten by this fit.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-    try:
-        step = int(state["step"])
-        U = state["U"]
-        hist = state["history"]
-        err = state["orth_err_max"]
-        orth_active = str(state["orth_active"])
-        ok = (
-            0 <= step <= steps
-            and isinstance(U, torch.Tensor)
-            and tuple(U.shape) == (R, D, D)
-            and isinstance(hist, torch.Tensor)
-            and tuple(hist.shape) == (R, steps)
-            and isinstance(err, torch.Tensor)
-            and orth_active in ORTH_METHODS
-        )
-    except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        warnings.warn(
-            f"DRSA checkpoint {path} is malformed (missing or mis-shaped state); it is ignored, "
-            "the fit starts from scratch and will overwrite it.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-    return state
+
+    def check(state: Any) -> str | None:
+        if not isinstance(state, dict) or state.get("meta") != meta:
+            old = state.get("meta") if isinstance(state, dict) else None
+            diff = sorted(k for k in meta if old.get(k) != meta[k]) if isinstance(old, dict) else []
+            return f"was written for different arguments (differs in: {', '.join(diff) or 'format'})"
+        try:
+            U, hist, err = state["U"], state["history"], state["orth_err_max"]
+            ok = (
+                0 <= int(state["step"]) <= steps
+                and isinstance(U, torch.Tensor)
+                and tuple(U.shape) == (R, D, D)
+                and isinstance(hist, torch.Tensor)
+                and tuple(hist.shape) == (R, steps)
+                and isinstance(err, torch.Tensor)
+                and str(state["orth_active"]) in ORTH_METHODS
+            )
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        return None if ok else "is malformed (missing or mis-shaped state)"
+
+    return load_current(path, what="DRSA checkpoint", check=check,
+                        then="the fit starts from scratch and will overwrite it",
+                        report=lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=4))
 
 
 def fit(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnp.data.splits import SUBGROUPS, Split, normalize_images, subgroup_name
+from cnp.data.splits import SUBGROUPS, Split, subgroup_name
+from cnp.images import normalize_images
 from cnp.lrp import LRP, LRPConfig
 from cnp.training import predict_logits
 

@@ -14,9 +14,9 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:  # torch is imported where it is used: `import cnp.io` stays torch-free
     import torch
@@ -155,6 +155,76 @@ def tensor_hash(*tensors: torch.Tensor, length: int = 16) -> str:
         t = t.reshape(-1)
         h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself, no copy
     return h.hexdigest()[:length]
+
+
+# ============================================================================ the cache
+T = TypeVar("T")
+
+
+def cache_dir() -> Path:
+    """Where generated data, decoded images and pretrained backbones are cached: ``$CNP_CACHE``,
+    else ``~/.cache/cnp``."""
+    return Path(os.environ.get("CNP_CACHE", Path.home() / ".cache" / "cnp")).expanduser()
+
+
+def load_current(path: str | os.PathLike, *, what: str, check: Callable[[Any], str | None] = lambda _obj: None,
+                 load: Callable[[Path], Any] = safe_torch_load, then: str = "rebuilding",
+                 report: Callable[[str], Any] | None = print) -> Any | None:
+    """The object stored at ``path`` when it can be trusted, else ``None``.
+
+    Every cache and checkpoint of the companion is read through this function: a file that
+    does not exist gives ``None`` silently; one that cannot be read (``load`` raises
+    :class:`CNPError`) or that ``check`` refuses (it returns the reason, e.g. "was made from
+    another recipe") gives ``None`` and one line through ``report``:
+    ``[cnp] <what> <file name> <reason>: <then>``.
+
+    Parameters
+    ----------
+    path : path
+        The file (its name usually carries the hash of the recipe that made it).
+    what : str
+        What the file is, for the message ("cached pair data", "pruning checkpoint").
+    check : callable
+        ``check(obj)`` -> ``None`` when ``obj`` is what the caller needs, else the reason.
+    load : callable
+        Reads the file (default :func:`safe_torch_load`); raises :class:`CNPError` when it cannot.
+    then : str
+        What happens instead, for the message ("rebuilding", "starting over").
+    report : callable or None
+        Where the line goes (``print``; ``None``: nowhere).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        obj = load(path)
+        why = check(obj)
+    except CNPError as exc:
+        why = f"could not be read: it is unreadable and is ignored (it is corrupt, truncated or not cnp's: {_reason(exc)})"
+    if why is None:
+        return obj
+    if report is not None:
+        report(f"[cnp] {what} {path.name} {why}: {then}")
+    return None
+
+
+def load_or_build(path: str | os.PathLike, build: Callable[[], T], *, what: str,
+                  save: Callable[[Path, T], Any], check: Callable[[T], str | None] = lambda _obj: None,
+                  load: Callable[[Path], T] = safe_torch_load, use_cache: bool = True, verbose: bool = True) -> T:
+    """The hash-keyed file cache: ``path``'s object when :func:`load_current` trusts it, else
+    ``build()``, written with ``save(path, obj)`` (atomically: use the ``atomic_*`` writers).
+
+    With ``use_cache=False`` the file is neither read nor written.
+    """
+    path = Path(path)
+    if use_cache:
+        obj = load_current(path, what=what, check=check, load=load, report=print if verbose else None)
+        if obj is not None:
+            return obj
+    obj = build()
+    if use_cache:
+        save(path, obj)
+    return obj
 
 
 def safe_join(root: str | os.PathLike, relpath: str) -> Path:

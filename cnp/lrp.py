@@ -42,7 +42,7 @@ from zennit.core import BasicHook, Hook, ParamMod
 from zennit.layer import Sum
 from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 
-from cnp.data.splits import input_bounds
+from cnp.images import input_bounds
 from cnp.io import CNPError
 from cnp.models import get_layer, resolve_layer_name
 

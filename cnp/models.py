@@ -33,9 +33,6 @@ CONV_NAMES: tuple[str, ...] = (
 BLOCK_SIZES: tuple[int, ...] = (2, 2, 3, 3, 3)
 #: Block widths of the full-size VGG-16.
 FULL_WIDTHS: tuple[int, ...] = (64, 128, 256, 512, 512)
-#: ImageNet normalisation used for every input (synthetic and real).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: SHA-256 of torchvision's ``vgg16-397923af.pth`` (IMAGENET1K_V1).
 VGG16_IMAGENET_SHA256 = "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0"
 

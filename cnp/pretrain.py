@@ -18,9 +18,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnp.data.splits import normalize_images
-from cnp.data.synthetic import CorpusConfig, cache_dir, make_corpus_split
-from cnp.io import CNPError, recipe_hash, tensor_hash
+from cnp.data.synthetic import CorpusConfig, make_corpus_split
+from cnp.images import normalize_images
+from cnp.io import (
+    CNPError,
+    atomic_torch_save,
+    cache_dir,
+    load_or_build,
+    recipe_hash,
+    safe_torch_load,
+    tensor_hash,
+)
 from cnp.models import (
     BLOCK_SIZES,
     CONV_NAMES,
@@ -314,30 +322,39 @@ def load_backbone(cfg: BackboneConfig | None = None, use_cache: bool = True,
     is detected, reported and rebuilt.
     """
     cfg = cfg or BackboneConfig()
-    path = backbone_path(cfg)
-    if use_cache and path.exists():
-        try:
-            model, extra = load_model(path)
-            ok_recipe = extra.get("recipe") == _jsonable(cfg.recipe())
-            ok_hash = extra.get("weights_hash") == _weights_hash(model)
-            if ok_recipe and ok_hash:
-                return model.eval(), BackboneReport(**extra["report"])
-            if verbose:
-                print(f"[cnp] cached backbone {path.name} is stale or corrupt "
-                      f"(recipe ok: {ok_recipe}, weights hash ok: {ok_hash}): rebuilding")
-        except (CNPError, KeyError, TypeError, RuntimeError) as exc:
-            if verbose:
-                print(f"[cnp] cached backbone {path.name} could not be read ({exc}): rebuilding")
-    if verbose:
-        print(f"[cnp] pretraining the embedded backbone ({cfg.epochs} epochs on "
-              f"{len(cfg.corpus.classes)} classes x {cfg.corpus.n_per_class} images); cached afterwards")
-    model, report = train_backbone(cfg, verbose=verbose)
-    if use_cache:
-        save_model(model, path, recipe=_jsonable(cfg.recipe()), report=asdict(report),
-                   weights_hash=_weights_hash(model))
-    if verbose:
-        print(f"[cnp] {report}")
-    return model, report
+    recipe = _jsonable(cfg.recipe())
+
+    def build():
+        if verbose:
+            print(f"[cnp] pretraining the embedded backbone ({cfg.epochs} epochs on "
+                  f"{len(cfg.corpus.classes)} classes x {cfg.corpus.n_per_class} images); cached afterwards")
+        model, report = train_backbone(cfg, verbose=verbose)
+        if verbose:
+            print(f"[cnp] {report}")
+        return model, {"recipe": recipe, "report": asdict(report), "weights_hash": _weights_hash(model)}
+
+    model, extra = load_or_build(backbone_path(cfg), build, what="cached backbone", load=_read_model,
+                                 save=lambda path, obj: save_model(obj[0], path, **obj[1]),
+                                 check=lambda obj: _stale(obj[0], obj[1], recipe), use_cache=use_cache,
+                                 verbose=verbose)
+    return model.eval(), BackboneReport(**extra["report"])
+
+
+def _read_model(path: Path) -> tuple[nn.Module, dict]:
+    """:func:`~cnp.models.load_model`, with every way a file can fail to load as a CNPError."""
+    try:
+        return load_model(path)
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise CNPError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _stale(model: nn.Module, extra: dict, recipe: dict) -> str | None:
+    """Why a cached backbone cannot be used (``None``: it can)."""
+    ok_recipe = extra.get("recipe") == recipe
+    ok_hash = extra.get("weights_hash") == _weights_hash(model)
+    if ok_recipe and ok_hash and "report" in extra:
+        return None
+    return f"is stale or corrupt (recipe ok: {ok_recipe}, weights hash ok: {ok_hash})"
 
 
 def _weights_hash(model: nn.Module) -> str:
@@ -443,34 +460,35 @@ def load_torchvision_backbone(arch: str = "resnet18", tap: str = "layer3", cfg: 
     """
     import torchvision
 
-    from cnp.io import atomic_torch_save, safe_torch_load
 
     cfg = cfg or BackboneConfig()
-    path = torchvision_backbone_path(arch, tap, cfg)
     recipe = _jsonable({"arch": arch, "tap": tap, **cfg.recipe()})
-    if use_cache and path.exists():
+
+    def read(path: Path) -> tuple[nn.Module, dict]:
+        blob = safe_torch_load(path)
         try:
-            blob = safe_torch_load(path)
             model = torchvision.models.get_model(arch, weights=None, num_classes=len(cfg.corpus.classes))
             model.load_state_dict(blob["state_dict"])
-            tag_torchvision(model, arch)
-            if blob.get("recipe") == recipe and blob.get("weights_hash") == _weights_hash(model):
-                return model.eval(), blob["report"]
-            if verbose:
-                print(f"[cnp] cached backbone {path.name} is stale or corrupt: rebuilding")
-        except (CNPError, KeyError, TypeError, RuntimeError) as exc:
-            if verbose:
-                print(f"[cnp] cached backbone {path.name} could not be read ({exc}): rebuilding")
-    if verbose:
-        print(f"[cnp] pretraining {arch} on the embedded corpus ({cfg.epochs} epochs); cached afterwards")
-    with fixed_threads(PRETRAIN_THREADS):
-        model, report = _train_torchvision(arch, tap, cfg, verbose)
-    if use_cache:
-        atomic_torch_save(path, {"arch": arch, "recipe": recipe, "report": report,
-                                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                                 "weights_hash": _weights_hash(model)})
+        except (KeyError, TypeError, RuntimeError) as exc:
+            raise CNPError(f"{type(exc).__name__}: {exc}") from exc
+        return model, blob
+
+    def build() -> tuple[nn.Module, dict]:
+        if verbose:
+            print(f"[cnp] pretraining {arch} on the embedded corpus ({cfg.epochs} epochs); cached afterwards")
+        with fixed_threads(PRETRAIN_THREADS):
+            model, report = _train_torchvision(arch, tap, cfg, verbose)
+        if verbose:
+            print(f"[cnp] {arch}: object accuracy {report['object_accuracy']:.3f}, watermark accuracy "
+                  f"{report['watermark_accuracy']:.3f} ({report['seconds']:.0f} s)")
+        return model, {"arch": arch, "recipe": recipe, "report": report, "weights_hash": _weights_hash(model)}
+
+    def save(path: Path, obj: tuple[nn.Module, dict]) -> None:
+        state = {k: v.detach().cpu() for k, v in obj[0].state_dict().items()}
+        atomic_torch_save(path, {**obj[1], "state_dict": state})
+
+    model, blob = load_or_build(torchvision_backbone_path(arch, tap, cfg), build, what="cached backbone", load=read,
+                                save=save, check=lambda obj: _stale(obj[0], obj[1], recipe), use_cache=use_cache,
+                                verbose=verbose)
     tag_torchvision(model, arch)
-    if verbose:
-        print(f"[cnp] {arch}: object accuracy {report['object_accuracy']:.3f}, watermark accuracy "
-              f"{report['watermark_accuracy']:.3f} ({report['seconds']:.0f} s)")
-    return model, report
+    return model.eval(), blob["report"]

@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from cnp.data.splits import Split, normalize_images
+from cnp.data.splits import Split
+from cnp.images import normalize_images
 from cnp.runtime import progress
 
 

@@ -164,7 +164,7 @@ class VirtualLayer(ContextSite):
 
         ``images`` are normalised float inputs or uint8 images.
         """
-        from cnp.data.splits import normalize_images
+        from cnp.images import normalize_images
 
         if not self.layer_name:
             raise CNPError("attach the virtual layer to a model (insert_virtual_layer) before fit_mean")

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cnp.data.splits import PairData, Split, normalize_images
+from cnp.data.splits import PairData, Split
 from cnp.evaluate import subgroup_accuracy
+from cnp.images import normalize_images
 from cnp.io import CNPError
 from cnp.models import VGG, replace_head
 from cnp.runtime import progress

@@ -89,7 +89,7 @@ class AblationExplorer:
         Images: the run's heatmap examples (positives with a watermark first, as in the
         figures); evaluation sets: the first ``n_eval`` test images of c0w1 and of c1w0.
         """
-        from cnp.pipeline import _lrp_config, augmented_model
+        from cnp.pipeline import augmented_model, lrp_config
 
         model, vl = augmented_model(run)
         test = run.data()["test"]
@@ -97,7 +97,7 @@ class AblationExplorer:
         return cls(model, vl, test.images[order],
                    c0w1=test.images[test.subgroup_index("c0w1")[:n_eval]],
                    c1w0=test.images[test.subgroup_index("c1w0")[:n_eval]],
-                   lrp_config=_lrp_config(run.params), mean_images=run.data()["drsa"].images,
+                   lrp_config=lrp_config(run.params), mean_images=run.data()["drsa"].images,
                    device=run.device)
 
     def _configure(self, ablated: Sequence[int], mode: str,
@@ -132,7 +132,7 @@ class AblationExplorer:
             not one value in [0, 1] per subspace.
         """
         from cnp.concepts import subspace_heatmaps
-        from cnp.data.splits import normalize_images
+        from cnp.images import normalize_images
         from cnp.training import predict_logits
 
         abl, s = self._configure(ablated, mode, strengths)

@@ -86,7 +86,7 @@ def random_images(n: int, size: int = 32, seed: int = 1) -> torch.Tensor:
 @pytest.fixture
 def tiny_x() -> torch.Tensor:
     """Three ImageNet-normalised 32 px images (inside the pixel box that ZBox assumes)."""
-    from cnp.data.splits import normalize_images
+    from cnp.images import normalize_images
 
     return normalize_images(random_images(3, 32, seed=1))
 

@@ -11,9 +11,14 @@ What it asserts, and why these margins (measured, not tuned to pass; docs/result
   these settings: 0.287 (seed 0), 0.340 (seed 1).
 * claim 2 (latent analysis finds it): the best subspace's watermark AP >= 0.85 and the ablated
   subspace is that one. Measured: 1.000 (seed 0), 0.985 (seed 1); a random basis gives 0.40-0.62.
-* stage 2 works on the unpruned network: with the ablated virtual layer active, c0w1 rises by at
-  least 0.10 while the watermark-free positives c1w0 lose at most 0.05. Measured on seed 0:
-  c0w1 0.700 -> 0.860, c1w0 0.960 -> 0.960.
+* stage 2 works on the unpruned network: with the ablated virtual layer active, c0w1 rises
+  (paired one-sided t-test over seeds 0-4, p < 0.05) while the watermark-free positives c1w0
+  lose at most 0.05 on every seed. A single-seed margin does not carry across CPUs: the
+  backbone pretrains differently on another instruction set (same recipe, 2 threads: held-out
+  object accuracy 0.987 on an AMD EPYC with AVX512-BF16, 0.974 on an Intel Xeon with AMX), and
+  seed 0's rise went from 0.700 -> 0.860 to 0.393 -> 0.473; on the Xeon seeds 0-4 rose by
+  +0.08, +0.16, +0.05, +0.13, +0.14 (mean 0.11, p = 0.003). Seeds 1-4 run up to the ablate
+  stage only.
 * stage 3 ranks through the ablated layer: CNP removes other filters than vanilla LRP pruning
   (the pruned architectures differ; they would be identical if the virtual layer were bypassed
   while ranking), and the curves record the rate on both bases.
@@ -34,11 +39,20 @@ import warnings
 import pytest
 import torch
 
+from cnp.evaluate import subgroup_accuracy
 from cnp.figures import at_target
 from cnp.io import safe_torch_load
 from cnp.params import BENCHMARK_DEFAULTS
-from cnp.pipeline import make_params, open_run, run_evaluate
+from cnp.pipeline import (
+    augmented_model,
+    make_params,
+    open_run,
+    run_ablate,
+    run_evaluate,
+    warm_model,
+)
 from cnp.pruning.ranking import NORMALISATIONS
+from cnp.stats import paired
 
 
 @pytest.fixture
@@ -49,6 +63,19 @@ def all_threads():
     torch.set_num_threads(prev)
 
 
+STAGE2_SEEDS = (0, 1, 2, 3, 4)
+
+
+def _unpruned_ablation(p):
+    """Test accuracy per subgroup of the warmed-up model, and with its ablated virtual layer."""
+    run = open_run(p)
+    abl = run_ablate(run, verbose=False)
+    test = run.data()["test"]
+    before = subgroup_accuracy(warm_model(run), test, device=run.device)
+    model, _vl = augmented_model(run, abl["ablated"], p.concepts.ablation_mode)
+    return before, subgroup_accuracy(model, test, device=run.device)
+
+
 @pytest.mark.slow
 def test_mechanism_on_reduced_easy_pair(tmp_path, all_threads):
     p = make_params(
@@ -57,7 +84,7 @@ def test_mechanism_on_reduced_easy_pair(tmp_path, all_threads):
         drsa_steps=300, drsa_restarts=3, step=0.1, target=0.2, epochs_per_step=0, final_epochs=0,
         wm_share_images=50, heatmap_images=2, methods=("cnp", "vanilla"),
     )
-    assert (p.aggregation, p.normalisation) == ("signed", "sum") and p.normalisation in NORMALISATIONS
+    assert (p.pruning.aggregation, p.pruning.normalisation) == ("signed", "sum") and p.pruning.normalisation in NORMALISATIONS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # epochs_per_step=0 warns (the paper's catastrophic setting)
         m = run_evaluate(open_run(p), verbose=False)
@@ -70,9 +97,14 @@ def test_mechanism_on_reduced_easy_pair(tmp_path, all_threads):
 
     # stage 2: the ablated virtual layer on the unpruned network (the schedule's step 0)
     cnp_curve = safe_torch_load(tmp_path / "run" / "prune" / "prune_cnp.pt")["curve"]
-    before, ablated = cnp_curve[0]["acc"], cnp_curve[0]["acc_virtual_layer"]
-    assert ablated["c0w1"] - before["c0w1"] >= 0.10, (before, ablated)
-    assert ablated["c1w0"] >= before["c1w0"] - 0.05, (before, ablated)
+    pairs = {0: (cnp_curve[0]["acc"], cnp_curve[0]["acc_virtual_layer"])}
+    for seed in STAGE2_SEEDS[1:]:
+        pairs[seed] = _unpruned_ablation(p.replace(seed=seed, run_dir=str(tmp_path / f"run{seed}")))
+    gains = [pairs[s][1]["c0w1"] - pairs[s][0]["c0w1"] for s in STAGE2_SEEDS]
+    test = paired(gains)
+    assert test.p < 0.05 and test.mean > 0, (gains, test)
+    for before, ablated in pairs.values():
+        assert ablated["c1w0"] >= before["c1w0"] - 0.05, (before, ablated)
 
     # stage 3: the rate on both bases, and the ranking through the ablated layer
     cnp = at_target(m["curves"]["cnp"])

@@ -18,7 +18,8 @@ from cnp.concepts import (
     watermark_oracle_basis,
     watermark_positions,
 )
-from cnp.data.splits import Split, normalize_images
+from cnp.data.splits import Split
+from cnp.images import normalize_images
 from cnp.io import CNPError
 from cnp.lrp import LRP
 from cnp.virtual_layer import check_orthonormal, insert_virtual_layer

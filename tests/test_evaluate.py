@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from cnp.data.splits import normalize_images
 from cnp.evaluate import mask_share, pixel_relevance, wm_relevance_share, wm_relevance_shares
+from cnp.images import normalize_images
 from cnp.lrp import LRP
 
 

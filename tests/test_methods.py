@@ -170,7 +170,7 @@ def test_penalty_on_a_vgg_layer_and_in_training(tiny_vgg, tiny_x, random_U):
 def test_penalised_training_lowers_the_share(tiny_vgg, tiny_pair, random_U):
     """Trained with a large weight, the margin's gradient leaves the penalised subspace (measured
     on the training images; the same epochs without the penalty barely move it)."""
-    from cnp.data.splits import normalize_images
+    from cnp.images import normalize_images
     from cnp.training import make_optimizer, train_epoch
 
     U = random_U(D, seed=4)

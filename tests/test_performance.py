@@ -16,7 +16,8 @@ import pytest
 import torch
 from zennit.rules import AlphaBeta
 
-from cnp.data.splits import Split, normalize_images
+from cnp.data.splits import Split
+from cnp.images import normalize_images
 from cnp.io import CNPError, tensor_hash
 from cnp.lrp import LRP, LRPConfig, make_rule
 from cnp.pruning.ranking import lrp_filter_scores, normalise_per_layer, select_filters
@@ -291,3 +292,33 @@ def test_gpu_check_script_runs_tiny_on_the_cpu(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     for figure in ("80 %-pruned VGG-16", "LRP ranking", "full run [quick]", "DRSA", "cnp-keep correction"):
         assert figure in summary, figure
+
+
+def test_same_metrics_finds_every_changed_number_and_ignores_timings(tmp_path):
+    """bench/same_metrics.py: identical numbers pass (seconds and parameters may differ); one
+    changed accuracy, a missing run or a missing value fail, naming the value."""
+    import importlib.util
+    import json
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "same_metrics.py"
+    spec = importlib.util.spec_from_file_location("same_metrics", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    m = {"params": {"K": 8}, "timings_s": {"warmup": 1.0}, "compute": {"torch": "x"},
+         "curves": {"cnp": [{"acc": {"c0w1": 0.5, "overall": 0.8}, "pruned": 0.1}]}, "drsa": {"ablated": [3]}}
+    for side, changes in (("a", {}), ("b", {"timings_s": {"warmup": 9.0}, "params": {"K": 8, "d_k": 16}})):
+        (tmp_path / side / "p" / "seed0").mkdir(parents=True)
+        (tmp_path / side / "p" / "seed0" / "metrics.json").write_text(json.dumps({**m, **changes}))
+    assert mod.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    res = mod.compare(tmp_path / "a", tmp_path / "b")
+    assert res["values"] == 4 and res["differences"] == []
+    changed = json.loads(json.dumps(m))
+    changed["curves"]["cnp"][0]["acc"]["c0w1"] = 0.5000001
+    del changed["drsa"]["ablated"]
+    (tmp_path / "b" / "p" / "seed0" / "metrics.json").write_text(json.dumps(changed))
+    (tmp_path / "a" / "p" / "seed1").mkdir()
+    (tmp_path / "a" / "p" / "seed1" / "metrics.json").write_text(json.dumps(m))
+    res = mod.compare(tmp_path / "a", tmp_path / "b")
+    assert {d["value"] for d in res["differences"]} == {"curves.cnp[0].acc.c0w1", "drsa.ablated[0]"}
+    assert res["only_a"] == ["p/seed1/metrics.json"]
+    assert mod.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1

@@ -13,7 +13,8 @@ import torch
 
 import cnp.pruning.ranking as ranking
 import cnp.pruning.schedule as schedule
-from cnp.data.splits import Split, normalize_images
+from cnp.data.splits import Split
+from cnp.images import normalize_images
 from cnp.io import CNPError
 from cnp.lrp import LRP
 from cnp.models import count_macs, count_params, full_vgg16

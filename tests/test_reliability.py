@@ -42,7 +42,7 @@ from netguard import guard_env, netns_prefix, refused
 from cnp.io import CNPError, safe_torch_load, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = "run"  # relative run_dir: every run executes in its own folder, so params.run_dir is equal
+RUN = "run"  # relative run_dir: every run executes in its own folder, so params.run.run_dir is equal
 CPU = {"smoke": True, "threads": 1, "device": "cpu"}  # every run: smoke sizes, one thread, the CPU
 SMOKE_RSS_BOUND_MB = 1500  # a smoke run peaks at ~1.1-1.2 GB (0.5 GB of it is importing torch); see docs
 
@@ -427,7 +427,8 @@ def test_pair_data_cache_stale_or_corrupt_is_rebuilt(tmp_path, monkeypatch, caps
     """The pair-data cache file (named by the recipe hash, holding the recipe and a content
     hash per split) is rebuilt with a message when corrupt, truncated, tampered or stale."""
     from cnp.data.synthetic import load_pair, make_pair
-    from cnp.pipeline import make_params, synthetic_config
+    from cnp.data.synthetic import pair_config as synthetic_config
+    from cnp.pipeline import make_params
 
     monkeypatch.setenv("CNP_CACHE", str(tmp_path))
     cfg = synthetic_config(make_params(smoke=True))
@@ -597,7 +598,7 @@ def test_real_full_disk_on_a_tiny_tmpfs(rel, reference, tmp_path):
     ({"K": "four"}, r"parameter K='four' has the wrong type: expected int"),
     ({"target": "high"}, r"parameter target='high' has the wrong type: expected float"),
     ({"K": 3}, r"K \* d_k must equal D = 128 at conv4_3: K=3"),
-    ({"K": 4, "d_k": 16}, r"K \* d_k must equal D = 128 at conv4_3: K=4, d_k=16"),
+    ({"K": 4, "d_k": 16}, r"unknown parameter 'd_k'"),
     ({"dataset": "imagenet", "imagenet_root": "/x", "K": 3}, r"K \* d_k must equal D = 512"),
     ({"layer": "conv5_1", "K": 3}, r"K \* d_k must equal D = 128 at conv5_1"),
     ({"methods": "cnp,prune_all"}, r"unknown method 'prune_all'; methods are cnp, vanilla, l1, random"),
@@ -616,7 +617,7 @@ def test_bad_parameter_is_one_line_before_any_work(tmp_path, overrides, pattern)
     with pytest.raises(CNPError, match=pattern):
         run_all(**CPU, run_dir=str(tmp_path / "r"), **overrides)
     assert not (tmp_path / "r").exists()  # nothing started
-    make_params(K=8, d_k=16)  # K * d_k = D is fine
+    make_params(K=8)  # K * d_k = D is fine
 
 
 def test_imagenet_weights_missing_says_how_to_supply_them(tmp_path, monkeypatch):
@@ -694,36 +695,66 @@ def test_notebook_bad_parameter_stops_in_the_first_cells(rel, tmp_path, monkeypa
 
 def test_stage_keys_follow_the_parameters_each_stage_uses():
     """A stage's cache key changes with every parameter that stage (or an earlier one) uses and
-    with no later-stage parameter: ``wm_share_images`` is used by the warm-up (watermark share)
-    and ablate (per-subspace shares) stages, so it must reach the warm-up key; the schedule's
-    ``step`` only reaches prune and evaluate."""
+    with no later-stage parameter: ``wm_share_images`` reaches the ablate stage (its shares, and
+    K' for ablate='mask:<part>') and the prune stage, not the warm-up or DRSA (a changed count
+    re-measures the warm-up's shares); the schedule's ``step`` only reaches prune and evaluate;
+    the ablated set's parameters only ablate and later; ``heatmap_images`` and ``methods`` none."""
+    from cnp.params import FIELDS
     from cnp.pipeline import _stage_key, make_params
 
     base = make_params(pair="carton-dugong", seed=0, smoke=True)
-    shares = make_params(pair="carton-dugong", seed=0, smoke=True, wm_share_images=base.wm_share_images + 1)
-    step = make_params(pair="carton-dugong", seed=0, smoke=True, step=0.2)
-    for stage in ("warmup", "augment", "ablate", "prune", "evaluate"):
-        assert _stage_key(shares, stage) != _stage_key(base, stage), stage
-        assert (_stage_key(step, stage) != _stage_key(base, stage)) == (stage in ("prune", "evaluate")), stage
-    # pos+neg pruning stages from before the rank split held negatives are not reused: their key
-    # carries the layout (checked against the key without it), and 'pos' keys are unchanged
-    import cnp.pipeline as pl
-    from cnp.io import recipe_hash
-    from cnp.params import key_dict
+    later = {
+        "wm_share_images": (base.report.wm_share_images + 1, ("ablate", "prune", "evaluate")),
+        "step": (0.2, ("prune", "evaluate")),
+        "rr_lambda": (3.0, ("prune", "evaluate")),
+        "recompute_drsa": (True, ("prune", "evaluate")),
+        "ap_threshold": (0.5, ("ablate", "prune", "evaluate")),
+        "drsa_steps": (7, ("augment", "ablate", "prune", "evaluate")),
+        "warmup_epochs": (3, STAGES_ALL),
+        "wm_text": ("SAMPLE", STAGES_ALL),
+        "seed": (1, STAGES_ALL),
+        "heatmap_images": (5, ()),
+        "methods": ("cnp", ()),
+        "threads": (1, ()),
+    }
+    for name, (value, stages) in later.items():
+        other = make_params(**{"pair": "carton-dugong", "seed": 0, "smoke": True, name: value})
+        for stage in STAGES_ALL:
+            assert (_stage_key(other, stage) != _stage_key(base, stage)) == (stage in stages), (name, stage)
+    # every numeric or boolean parameter but the threads reaches the evaluate key
+    flat = base.to_dict()
+    for name in FIELDS:
+        value = flat[name]
+        alt = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v / 2}.get(type(value))
+        if alt is None or name in ("threads", "heatmap_images", "allow_download"):
+            continue
+        try:
+            changed = base.replace(**{name: alt(value)})
+        except Exception:  # noqa: BLE001 - a value the validation refuses (e.g. K=9)
+            continue
+        assert _stage_key(changed, "evaluate") != _stage_key(base, "evaluate"), name
 
-    # the precisions at values that resolve the same on every machine (auto: by the device)
-    posneg = make_params(pair="carton-dugong", seed=0, smoke=True, ranking_data="pos+neg", drsa_precision="fp32",
-                         precision="fp32")
-    d = key_dict(posneg.to_dict())
-    for k in ("run_dir", "device", "threads", "methods", "heatmap_images"):
-        d.pop(k)
-    assert pl._stage_key(posneg, "prune") != recipe_hash({"stage": "prune", "params": d})
-    assert pl._stage_key(posneg, "prune") == recipe_hash({"stage": "prune", "params": {**d, "rank_layout": 2}})
-    assert _stage_key(posneg, "ablate") == _stage_key(make_params(pair="carton-dugong", seed=0, smoke=True,
-                                                                  drsa_precision="fp32", precision="fp32"), "ablate")
-    # a parameter added later is left out of the keys at the default that reproduces earlier runs
-    # (so those runs stay valid) and keyed at any other value, for the stages that use it
-    assert "rr_lambda" not in key_dict(base.to_dict()) and "rr_lambda" in base.to_dict()
-    lam = make_params(pair="carton-dugong", seed=0, smoke=True, rr_lambda=3.0)
-    for stage in ("warmup", "augment", "ablate", "prune", "evaluate"):
-        assert (_stage_key(lam, stage) != _stage_key(base, stage)) == (stage in ("prune", "evaluate")), stage
+
+STAGES_ALL = ("warmup", "augment", "ablate", "prune", "evaluate")
+
+
+def test_a_changed_share_count_remeasures_the_warmup_without_retraining(tmp_path):
+    """wm_share_images is a measurement size: changing it re-measures the warm-up's shares on the
+    saved model (same model file), keeps DRSA, and re-runs the ablate stage (keyed on it)."""
+    from cnp.pipeline import open_run, run_ablate, run_warmup
+
+    kw = dict(CPU, run_dir=str(tmp_path / "r"))
+    run = open_run(**kw)
+    first = run_ablate(run, verbose=False)
+    warm = json.loads((tmp_path / "r" / "warmup" / "summary.json").read_text())
+    aug = (tmp_path / "r" / "augment" / "summary.json").read_bytes()
+    model = (tmp_path / "r" / "warmup" / "model.pt").stat().st_mtime_ns
+    run2 = open_run(**kw, wm_share_images=run.params.report.wm_share_images + 5)
+    w2 = run_warmup(run2, verbose=False)
+    assert w2["wm_share_images"] == warm["wm_share_images"] + 5
+    assert w2["acc"] == warm["acc"] and w2["loss_history"] == warm["loss_history"]
+    assert (tmp_path / "r" / "warmup" / "model.pt").stat().st_mtime_ns == model   # not retrained
+    run_ablate(run2, verbose=False)
+    assert (tmp_path / "r" / "augment" / "summary.json").read_bytes() == aug       # DRSA kept
+    second = json.loads((tmp_path / "r" / "ablate" / "summary.json").read_text())
+    assert second["key"] != first["key"]

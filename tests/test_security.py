@@ -133,7 +133,7 @@ def test_code_looking_parameter_strings_stay_strings(tmp_path):
         make_params(K=payload)
     with pytest.raises(CNPError, match="wrong type"):
         sweep.notebook_params({"K": payload})
-    assert make_params(wm_text=payload).wm_text == payload
+    assert make_params(wm_text=payload).data.wm_text == payload
     assert not marker.exists()
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import nbformat
@@ -18,7 +18,7 @@ from netguard import guard_env, refused
 
 from cnp import sweep
 from cnp.io import CNPError
-from cnp.pipeline import Params
+from cnp.params import FIELDS, Params, type_name
 
 REPO = Path(__file__).resolve().parents[1]
 NB_DIR = REPO / "notebooks"
@@ -163,16 +163,16 @@ def test_run_notebooks_share_their_parameters_and_defaults(monkeypatch):
     ns: dict = {}
     exec(sources[sweep.RUN_NOTEBOOKS[0]], ns)
     declared = sweep.notebook_parameter_names(NB_DIR / sweep.RUN_NOTEBOOKS[0])
-    known = {f.name for f in fields(Params)}
+    known = set(FIELDS)
     assert declared - known == {"extra"}
     from cnp.params import BENCHMARK_DEFAULTS
 
-    defaults = Params()
+    defaults = Params().to_dict()
     for name in declared - {"extra"}:
         if ns[name] is not None and name not in ("run_dir", "methods"):
-            want = BENCHMARK_DEFAULTS.get(name, getattr(defaults, name))
+            want = BENCHMARK_DEFAULTS.get(name, defaults[name])
             assert ns[name] == want, f"parameters cell default of {name} != Params / benchmark default"
-    assert tuple(ns["methods"].split(",")) == defaults.methods and ns["smoke"] is False
+    assert tuple(ns["methods"].split(",")) == tuple(defaults["methods"]) and ns["smoke"] is False
     assert {"step", "target", "epochs_per_step"} <= {k for k in declared if ns[k] is None}  # smoke sizes apply
     assert sweep.notebook_parameter_names(NB_DIR / sweep.FIGURES_NOTEBOOK) == {"sweep_dir", "figures_dir"}
 
@@ -183,7 +183,7 @@ def test_notebook_params_resolves_defaults(monkeypatch, tmp_path):
     ns = {"pair": "crate-packet", "seed": 2, "step": None, "smoke": True, "run_dir": "", "threads": 0,
           "extra": {"drsa_steps": 7}, "unrelated": 1}
     p = sweep.notebook_params(ns)
-    assert p.step == 0.4 and p.drsa_steps == 7 and p.threads == 1  # smoke size, extra, $CNP_THREADS
+    assert p.pruning.step == 0.4 and p.concepts.drsa_steps == 7 and p.run.threads == 1  # smoke size, extra, $CNP_THREADS
     assert p.run_path == tmp_path / "runs" / "smoke" / "crate-packet" / "seed2"
     assert sweep.notebook_params({"pair": "basketball"}).run_path == tmp_path / "runs" / "basketball" / "seed0"
     with pytest.raises(CNPError, match="target"):
@@ -323,15 +323,14 @@ def test_notebook_parameter_defaults_match_params():
     """The parameters cells repeat the defaults of cnp.pipeline.Params (or say None = default),
     except the embedded benchmark's method settings, which they take from cnp.params."""
     import ast
-    import dataclasses
     import json
     from pathlib import Path
 
     from cnp.params import BENCHMARK_DEFAULTS
     from cnp.pipeline import Params
 
-    defaults = {f.name: f.default for f in dataclasses.fields(Params)} | BENCHMARK_DEFAULTS
-    assert BENCHMARK_DEFAULTS["K"] != Params.K                  # the paper's K = 4 stays the Params default
+    defaults = {name: default for name, (_s, _t, default) in FIELDS.items()} | BENCHMARK_DEFAULTS
+    assert BENCHMARK_DEFAULTS["K"] != Params().concepts.K                  # the paper's K = 4 stays the Params default
     run_specific = {"run_dir", "threads", "smoke", "methods", "device"}
     nb_dir = Path(__file__).resolve().parents[1] / "notebooks"
     checked = 0
@@ -504,17 +503,15 @@ def test_bad_input_stops_the_sweep_before_any_run(tmp_path, capsys):
 
 
 def test_list_params_and_version(capsys):
-    from dataclasses import fields
 
     from cnp.params import PARAM_HELP
-    from cnp.pipeline import Params
 
-    assert set(PARAM_HELP) == {f.name for f in fields(Params)}      # every parameter has its line
+    assert set(PARAM_HELP) == set(FIELDS)      # every parameter has its line
     assert sweep.main(["--list-params"]) == 0
     text = capsys.readouterr().out
-    for f in fields(Params):
-        assert f"\n{f.name} " in text
-    assert "rr_lambda" in text and "K                            int    8" in text   # the benchmark's K
+    for name in FIELDS:
+        assert f"\n{name} " in text
+    assert "rr_lambda" in text and re.search(r"\nK +concepts +int +8 ", text)   # the benchmark's K
     with pytest.raises(SystemExit):
         sweep.main(["--version"])
     import cnp
@@ -528,13 +525,11 @@ def test_parameters_cells_declare_their_types():
     """papermill --help-notebook shows each parameter's type: every assignment of a parameters
     cell is annotated, with the type of the Params field (or ``T | None`` for "the default")."""
     import ast
-    import typing
 
     import nbformat
 
-    from cnp.pipeline import Params
 
-    hints = typing.get_type_hints(Params)
+    hints = {name: typ for name, (_s, typ, _d) in FIELDS.items()}
     for name in (*sweep.RUN_NOTEBOOKS, sweep.FIGURES_NOTEBOOK):
         nb = nbformat.read(NB_DIR / name, as_version=4)
         (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
@@ -544,7 +539,7 @@ def test_parameters_cells_declare_their_types():
             assert isinstance(node, ast.AnnAssign), f"{name}: {ast.unparse(node)} has no type annotation"
             ann, var = ast.unparse(node.annotation), node.target.id
             if var in hints and var != "methods":
-                want = hints[var].__name__
+                want = type_name(hints[var]).replace(" or None", "")
                 assert ann in (want, f"{want} | None"), f"{name}: {var}: {ann} (Params says {want})"
 
 

@@ -109,7 +109,7 @@ def test_mean_ablation_adds_the_mean_of_the_ablated_subspace(tiny_vgg, tiny_x, r
     reference = copy.deepcopy(tiny_vgg)
     vl = insert_virtual_layer(tiny_vgg, U, 4)
     mean = vl.fit_mean(tiny_vgg, images, batch_size=2)  # uint8 images, two batches
-    from cnp.data.splits import normalize_images
+    from cnp.images import normalize_images
 
     a_all = _relu43_output(tiny_vgg, normalize_images(images))
     assert torch.allclose(mean, a_all.mean((0, 2, 3)), atol=1e-6)

@@ -56,8 +56,10 @@ from cnp.data.imagenet import (
     write_split_csv,
 )
 from cnp.data.splits import PairData
+from cnp.data.synthetic import PAIRS, load_pair, pair_config
 from cnp.data.watermark import WatermarkStyle
 from cnp.io import CNPError, atomic_write_json
+from cnp.params import Params
 
 #: The paper's split sizes (``train`` per class, ``drsa`` and ``rank`` positives, ``val`` and
 #: ``test`` per subgroup): what a manifest gets when the classes have enough images.
@@ -563,11 +565,11 @@ def export_synthetic(
     pair, seed : str, int
         The pair and its seed.
     smoke : bool
-        The smoke sizes (:data:`cnp.pipeline.SMOKE`: 60 train images per class, ...).
+        The smoke sizes (:data:`cnp.params.SMOKE`: 60 train images per class, ...).
     image_format, quality, overwrite
         As for :func:`export_pair`.
     **params
-        Further :class:`cnp.pipeline.Params` fields of the synthetic data (sizes, ``wm_*``
+        Further parameters (:class:`cnp.params.Params`) of the synthetic data (sizes, ``wm_*``
         style, ``wm_rate_pos``, ...).
 
     Returns
@@ -575,10 +577,11 @@ def export_synthetic(
     Path
         The manifest file.
     """
-    from cnp.pipeline import load_data, make_params  # the pipeline's sizes and smoke settings
-
-    p = make_params(pair=pair, seed=seed, smoke=smoke, dataset="synthetic", **params)
-    return export_pair(load_data(p), out_dir, image_format=image_format, quality=quality, overwrite=overwrite)
+    p = Params.from_flat(pair=pair, seed=seed, smoke=smoke, dataset="synthetic", **params)
+    if pair not in PAIRS:
+        raise CNPError(f"unknown pair {pair!r}; known pairs: {', '.join(PAIRS)}")
+    return export_pair(load_pair(pair_config(p)), out_dir, image_format=image_format, quality=quality,
+                       overwrite=overwrite)
 
 
 __all__ = ["EXPORT_FORMATS", "PAPER_SIZES", "auto_sizes", "export_pair", "export_synthetic", "make_manifest"]

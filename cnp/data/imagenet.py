@@ -89,7 +89,7 @@ import torch
 
 from cnp.data.splits import SUBGROUPS, PairData, Split, subgroup_name
 from cnp.data.watermark import WatermarkStyle, apply_watermark
-from cnp.io import CNPError, atomic_write_text, recipe_hash, safe_join
+from cnp.io import CNPError, atomic_write_text, cache_dir, load_current, recipe_hash, safe_join
 from cnp.resources import manifest_dir
 from cnp.runtime import progress as progress_bar
 
@@ -1267,9 +1267,7 @@ def _plan_class(cls: ClassInfo, role: str, train_files: list[str], val_files: li
 # ---------------------------------------------------------------------------- cache
 def default_cache_dir() -> Path:
     """``$CNP_CACHE/imagenet`` when ``CNP_CACHE`` is set, else ``~/.cache/cnp/imagenet``."""
-    env = os.environ.get("CNP_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "cnp"
-    return base / "imagenet"
+    return cache_dir() / "imagenet"
 
 
 def _file_list_hash(root: Path, files: Iterable[str]) -> str:
@@ -1555,14 +1553,11 @@ def build_pair(
     key = recipe_hash(recipe)
     cdir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache_file = cdir / f"{pair}-seed{seed}-{image_size}px-{key}.pt"
-    if cache_file.is_file():
-        try:
-            data = PairData.load(cache_file)
-            if data.meta.get("cache_key") != key:
-                raise CNPError("its recipe hash does not match its name")
-            return data
-        except CNPError as exc:
-            print(f"cnp: the cached pair data {cache_file} is unusable ({exc}); rebuilding it.")
+    cached = load_current(cache_file, what="cached pair data", load=PairData.load,
+                          check=lambda data: None if data.meta.get("cache_key") == key
+                          else "is stale (its recipe hash does not match its name)")
+    if cached is not None:
+        return cached
 
     # ---- decode every needed file once
     needed: list[str] = []

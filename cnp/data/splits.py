@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from cnp.images import normalize_images
 from cnp.io import CNPError, atomic_torch_save, safe_torch_load, tensor_hash
-from cnp.models import IMAGENET_MEAN, IMAGENET_STD
 
 SUBGROUPS: tuple[str, ...] = ("c0w0", "c0w1", "c1w0", "c1w1")
 OOD_SUBGROUP = "c0w1"
@@ -22,37 +22,6 @@ OOD_SUBGROUP = "c0w1"
 
 def subgroup_name(label: int, wm: bool) -> str:
     return f"c{int(label)}w{int(bool(wm))}"
-
-
-_NORM_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _norm_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std (1, 3, 1, 1) on ``device``, made once per device.
-
-    On an accelerator, building them per batch would be two blocking host-to-device copies.
-    """
-    if device.type == "cpu":
-        return (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-    if device not in _NORM_CONSTANTS:
-        _NORM_CONSTANTS[device] = (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
-                                   torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
-    return _NORM_CONSTANTS[device]
-
-
-def normalize_images(images_uint8: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """uint8 (n, 3, H, W) -> float32, ImageNet-normalised (on ``device``)."""
-    x = images_uint8.to(device) if device is not None else images_uint8
-    x = x.float().div_(255.0)
-    mean, std = _norm_constants(x.device)
-    return (x - mean) / std
-
-
-def input_bounds(device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised values of pixel 0 and pixel 1 per channel, shape (1, 3, 1, 1) (for LRP's ZBox)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return (0 - mean) / std, (1 - mean) / std
 
 
 @dataclass

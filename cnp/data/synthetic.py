@@ -20,9 +20,7 @@ Every image has a watermark mask, so relevance on watermark pixels can be measur
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 
 import torch
 
@@ -34,7 +32,8 @@ from cnp.data.watermark import (
     apply_style_distribution,
     apply_watermark,
 )
-from cnp.io import CNPError, recipe_hash
+from cnp.io import CNPError, cache_dir, load_or_build, recipe_hash
+from cnp.params import Params
 
 #: pair name -> (positive class, negative class)
 PAIRS: dict[str, tuple[str, str]] = {
@@ -48,11 +47,6 @@ CORPUS_CLASSES: tuple[str, ...] = tuple(RENDERERS)
 
 DATA_VERSION = 1  # bump when the renderers change, so caches are rebuilt
 RANK_LAYOUT = 2  # see PairConfig.recipe
-
-
-def cache_dir() -> Path:
-    """Where generated data and backbones are cached: ``$CNP_CACHE`` or ``~/.cache/cnp``."""
-    return Path(os.environ.get("CNP_CACHE", Path.home() / ".cache" / "cnp")).expanduser()
 
 
 def _seed_of(*parts) -> int:
@@ -329,25 +323,26 @@ def make_pair(cfg: PairConfig) -> PairData:
                     meta={"dataset": "synthetic", "recipe": cfg.recipe()})
 
 
+def pair_config(p: Params) -> PairConfig:
+    """The :class:`PairConfig` of a run's parameters (its data section and seed)."""
+    d = p.data
+    return PairConfig.from_params(
+        pair=d.pair, seed=p.run.seed, image_size=d.image_size or 48, n_train_per_class=d.n_train_per_class,
+        n_drsa=d.n_drsa, n_rank=d.n_rank, n_val_per_subgroup=d.n_val_per_subgroup,
+        n_test_per_subgroup=d.n_test_per_subgroup, wm_rate_pos=d.wm_rate_pos, wm_rate_neg=d.wm_rate_neg,
+        faint_rate=d.faint_rate, faint_opacity=d.faint_opacity, wm_text=d.wm_text, wm_size=d.wm_size,
+        wm_opacity=d.wm_opacity, wm_color=d.wm_color, wm_placement=d.wm_placement,
+    )
+
+
 def load_pair(cfg: PairConfig, use_cache: bool = True, verbose: bool = True) -> PairData:
     """Generate the pair, or load it from the cache (keyed by a hash of its recipe).
 
     A cache file that cannot be read or whose content hash does not match is rebuilt (with a
     message); writes are atomic.
     """
-    if not use_cache:
-        return make_pair(cfg)
     path = cache_dir() / "pairs" / f"{cfg.pair}-seed{cfg.seed}-{recipe_hash(cfg.recipe())}.pt"
-    if path.exists():
-        try:
-            data = PairData.load(path)
-            if data.meta.get("recipe") == cfg.recipe():
-                return data
-            if verbose:
-                print(f"[cnp] cached pair data {path.name} is stale (recipe differs): rebuilding")
-        except CNPError as exc:
-            if verbose:
-                print(f"[cnp] cached pair data {path.name} is corrupt ({exc}): rebuilding")
-    data = make_pair(cfg)
-    data.save(path)
-    return data
+    return load_or_build(path, lambda: make_pair(cfg), what="cached pair data", load=PairData.load,
+                         save=lambda p, data: data.save(p),
+                         check=lambda data: None if data.meta.get("recipe") == cfg.recipe()
+                         else "is stale (made from another recipe)", use_cache=use_cache, verbose=verbose)

@@ -38,7 +38,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnp.data.splits import Split, normalize_images
+from cnp.data.splits import Split
+from cnp.images import normalize_images
 from cnp.io import CNPError
 from cnp.lrp import LRP, LRPConfig
 from cnp.models import VGG, conv_index

@@ -33,7 +33,7 @@ import torch
 
 from cnp.data.splits import PairData
 from cnp.evaluate import subgroup_accuracy, subgroup_accuracy_with_site, wm_relevance_shares
-from cnp.io import CNPError, atomic_torch_save, recipe_hash, safe_torch_load, tensor_hash
+from cnp.io import CNPError, atomic_torch_save, load_current, recipe_hash, tensor_hash
 from cnp.lrp import LRPConfig
 from cnp.models import VGG, count_macs, count_params, get_layer, layer_output_shape
 from cnp.pruning.penalty import ConceptPenalty
@@ -649,17 +649,12 @@ def _save(path: Path | None, key: str, model: torch.nn.Module, vl: VirtualLayer 
 
 
 def _try_resume(path: Path | None, key: str, verbose: bool) -> dict | None:
-    if path is None or not path.exists():
+    if path is None:
         return None
-    try:
-        blob = safe_torch_load(path)
-    except CNPError as exc:
-        if verbose:
-            print(f"[cnp] pruning checkpoint {path} is unreadable ({exc}); starting over")
-        return None
-    if blob.get("key") != key:
-        if verbose:
-            print(f"[cnp] pruning checkpoint {path} belongs to other inputs; starting over")
+    blob = load_current(path, what="pruning checkpoint", then="starting over", report=print if verbose else None,
+                        check=lambda b: None if isinstance(b, dict) and b.get("key") == key
+                        else "belongs to other inputs")
+    if blob is None:
         return None
     if verbose and not blob.get("done"):
         print(f"[cnp] resuming {path.name} after step {blob['step']}")

@@ -7,9 +7,7 @@ import json
 import os
 import sys
 import time
-import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -139,21 +137,19 @@ def plan_preset(preset: Mapping[str, Any], out: Path, args: argparse.Namespace, 
 def list_params() -> str:
     """Every run parameter: name, type, default (the notebooks' where the embedded benchmark
     differs from the paper) and one line of meaning."""
-    from cnp.params import PARAM_HELP
-    from cnp.pipeline import Params
+    from cnp.params import FIELDS, PARAM_HELP, type_name
 
-    hints = typing.get_type_hints(Params)
     rows = []
-    for f in fields(Params):
-        default = BENCHMARK_DEFAULTS.get(f.name, f.default if f.default is not MISSING else f.default_factory())
-        typ = getattr(hints[f.name], "__name__", str(hints[f.name]))
-        if typ == "tuple":
-            typ, default = "list", ",".join(default)
-        rows.append({"name": f.name, "type": typ, "default": repr(default), "meaning": PARAM_HELP.get(f.name, "")})
-    note = ("defaults: the paper's (cnp.pipeline.Params), except "
+    for name, (section, typ, default) in FIELDS.items():
+        default = BENCHMARK_DEFAULTS.get(name, default)
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        rows.append({"name": name, "section": section, "type": type_name(typ), "default": repr(default),
+                     "meaning": PARAM_HELP.get(name, "")})
+    note = ("defaults: the paper's (cnp.params.Params), except "
             + ", ".join(f"{k}={v!r}" for k, v in BENCHMARK_DEFAULTS.items())
             + " (the embedded benchmark's, cnp.params.BENCHMARK_DEFAULTS, as in the notebooks and presets)")
-    return format_table(rows, ["name", "type", "default", "meaning"]) + "\n\n" + note
+    return format_table(rows, ["name", "section", "type", "default", "meaning"]) + "\n\n" + note
 
 
 def main(argv: Sequence[str] | None = None) -> int:

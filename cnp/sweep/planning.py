@@ -8,13 +8,13 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cnp import resources
 from cnp.io import CNPError, recipe_hash
-from cnp.params import BENCHMARK_DEFAULTS, key_dict
+from cnp.params import BENCHMARK_DEFAULTS, FIELDS
 from cnp.sweep.presets import RESULT_INDEPENDENT, SHORT_NAMES
 
 
@@ -49,7 +49,7 @@ def notebook_params(namespace: Mapping[str, Any]):
     Takes every variable of ``namespace`` (the notebook's ``globals()``) named like a
     ``Params`` field, skipping ``None`` ("the default", which for ``smoke=True`` is the smoke
     size), then the entries of the dict ``extra`` (any other field). An empty ``run_dir`` becomes
-    :func:`default_run_dir`; ``threads=0`` becomes ``$CNP_THREADS`` when that is set. A name that
+    :func:`default_run_dir`; no ``threads`` becomes ``$CNP_THREADS`` when that is set. A name that
     papermill injected (its ``# Parameters`` cell, found in the kernel's input history ``In``)
     but that is no parameter is an error too, rather than silently ignored.
 
@@ -58,9 +58,9 @@ def notebook_params(namespace: Mapping[str, Any]):
     CNPError
         One line naming the first bad parameter (from :func:`cnp.pipeline.make_params`).
     """
-    from cnp.pipeline import Params, make_params
+    from cnp.pipeline import make_params
 
-    names = {f.name for f in fields(Params)}
+    names = set(FIELDS)
     over = {k: namespace[k] for k in names if k in namespace and namespace[k] is not None}
     extra = namespace.get("extra") or {}
     if not isinstance(extra, Mapping):
@@ -72,7 +72,7 @@ def notebook_params(namespace: Mapping[str, Any]):
         over["threads"] = os.environ["CNP_THREADS"]
     if not over.get("run_dir"):
         p = make_params(**over)  # validates pair and seed before they name a folder
-        over["run_dir"] = str(default_run_dir(p.pair, p.seed, p.smoke))
+        over["run_dir"] = str(default_run_dir(p.data.pair, p.run.seed, p.run.smoke))
     return make_params(**over)
 
 
@@ -126,9 +126,7 @@ def parse_value(text: str) -> Any:
 
 def parse_assignments(items: Sequence[str], what: str = "-p") -> dict[str, Any]:
     """``["step=0.1", ...]`` -> ``{"step": 0.1}``; names must be :class:`Params` fields."""
-    from cnp.pipeline import Params
-
-    known = {f.name for f in fields(Params)}
+    known = set(FIELDS)
     out = {}
     for item in items:
         if "=" not in item:
@@ -253,7 +251,7 @@ def check_overrides(jobs: Sequence[Job]) -> None:
 # ============================================================================ resume check
 def params_key(params: Mapping[str, Any]) -> str:
     """Hash of a run's parameters (a ``Params.to_dict()``) without :data:`RESULT_INDEPENDENT`."""
-    d = {k: v for k, v in key_dict(dict(params)).items() if k not in RESULT_INDEPENDENT}
+    d = {k: v for k, v in dict(params).items() if k not in RESULT_INDEPENDENT}
     if isinstance(d.get("methods"), tuple):
         d["methods"] = list(d["methods"])
     return recipe_hash(d)

@@ -31,42 +31,23 @@ TABLE1_SELECTED: dict[str, Any] = {"K": 4, "lrp_variant": "alpha1beta0", "epochs
                                    "ranking_data": "pos", "step": 0.05}
 
 # ---------------------------------------------------------------------------------------------
-# `make reproduce`: the embedded benchmark's easy pair (5 seeds), hard pair (2 seeds) and the
-# basketball demo (1 seed), CNP and vanilla LRP pruning, within 15 minutes on 2 CPU cores. Reduced
-# from the full-fidelity settings (the Params defaults: the paper's Appendix A, 5 seeds; see the
-# README for the command and its time) in: 10 % steps instead of 5 % (Table 1's other value; with
-# 20 % steps the last step removed a third of the remaining filters at once and left the hard pair
-# and the basketball demo, and one easy-pair seed, as constant classifiers), 200 ranking images
-# instead of 500, 300 test images per subgroup instead of 500, DRSA 300 steps x 2 restarts on 300
-# images.
-# The rate counts the prunable filters (rate_of="prunable"), not all filters as the paper does
-# (the Params default): on this network, 4x narrower than VGG-16, 80 % of all filters is 91 % of
-# the prunable ones and leaves 83 filters in the 12 convs besides conv4_3; measured on easy-pair
-# seed 0, CNP then ends as a constant classifier (overall 0.50 after the last step, 0.82 one step
-# before). VGG-16 at the paper's rate keeps 333 filters there.
-# K = 8 subspaces (d_k = 16) is the embedded benchmark's choice from Table 1's values 4, 8, 16,
-# made on the validation split (easy pair, seeds 0-4, c0w1 after the final fine-tune, CNP minus
-# vanilla: K = 4 +0.136 +- 0.233 with CNP ahead on 3/5 seeds, K = 8 +0.134 +- 0.137 on 5/5,
-# K = 16 +0.102 +- 0.186 on 4/5; overall +0.02-0.03 for all three). The paper's K = 4 stays the
-# Params default (the ImageNet path). The share of relevance on watermark pixels is measured on 200
-# images (the Params default), not 60: at 60 the per-subspace shares of claim 2 differed by less
-# than their sampling noise (0.250 vs 0.256 on seed 3).
+#: `make reproduce`: the embedded benchmark's easy pair (5 seeds), hard pair and the basketball
+#: demo (1 seed each), CNP and vanilla LRP pruning, within about 15 minutes on 2 CPU cores. The
+#: full-fidelity settings (the Params defaults: the paper's Appendix A) reduced to 10 % steps,
+#: 200 ranking images, 100 validation and 300 test images per subgroup, DRSA 300 steps x 2
+#: restarts on 300 images; with the embedded benchmark's K = 8 and the rate counted over the
+#: prunable filters. docs/results.md ("Choices made on validation") says why each value.
 REPRODUCE_SEEDS: list[int] = [0, 1, 2, 3, 4]
 REPRODUCE_PARAMS: dict[str, Any] = {
     **BENCHMARK_DEFAULTS, "step": 0.1, "n_drsa": 300, "n_rank": 200, "n_val_per_subgroup": 100, "n_test_per_subgroup": 300,
     "drsa_steps": 300, "drsa_restarts": 2, "wm_share_images": 200, "heatmap_images": 4,
 }
-#: per-pair values on top of REPRODUCE_PARAMS: the Figure 1 demo ablates the ball subspace
-#: (chosen from the heatmaps' share of relevance on the ball, a stand-in for human evaluation)
-#: The hard pair fine-tunes 5 epochs per step and 5 in the final recovery (Table 1's value 5):
-#: with 2, vanilla pruning ends near a constant classifier (validation overall at 80 %: 0.585 and
-#: 0.570 on seeds 0 and 1), which says nothing about the paper's mechanism; with 5 it keeps
-#: 0.757 after the last step and 0.822 after the final recovery (seed 0). Chosen on validation,
-#: vanilla only (`python -m cnp.sweep --preset reproduce --pairs crate-packet --seeds 0 1
-#: -p methods=vanilla [-p epochs_per_step=5 -p final_epochs=5]`).
+#: per-pair values on top of REPRODUCE_PARAMS: the Figure 1 demo ablates the subspace whose
+#: heatmaps put the most relevance on the ball (a stand-in for the paper's human evaluation); the
+#: hard pair fine-tunes 5 epochs per step and 5 in the final recovery (Table 1's value 5).
 REPRODUCE_PAIR_PARAMS: dict[str, dict[str, Any]] = {"basketball": {"ablate": "mask:ball"},
                                                     "crate-packet": {"epochs_per_step": 5, "final_epochs": 5}}
-#: per-pair seeds replacing REPRODUCE_SEEDS (one hard-pair seed keeps make reproduce within 15 min)
+#: per-pair seeds replacing REPRODUCE_SEEDS
 REPRODUCE_PAIR_SEEDS: dict[str, list[int]] = {"crate-packet": [0], "basketball": [0]}
 
 #: `python -m cnp.sweep --preset full`: the full-fidelity settings (Params defaults), 5 seeds,

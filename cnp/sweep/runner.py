@@ -335,7 +335,7 @@ def prepare_shared(jobs: Sequence[Job], verbose: bool = True) -> None:
             p = make_params(**{**BENCHMARK_DEFAULTS, **j.overrides, "pair": j.pair, "seed": j.seed})
         except CNPError:
             continue
-        if p.dataset != "synthetic":
+        if p.data.dataset != "synthetic":
             continue
         cfg = backbone_config(p)
         key = recipe_hash(cfg.recipe())
