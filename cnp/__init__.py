@@ -18,7 +18,7 @@ Stage 1, augment
     ``LRPConfig`` (zennit rules and canonizers).
 Stage 2, ablate
     ``insert_virtual_layer``, ``VirtualLayer`` (the virtual concept layer, ablated set K'),
-    ``remove_virtual_layer``, ``bypass``, ``concept_scores`` (concept relevance R(k)),
+    ``remove_virtual_layer``, ``bypass``, ``concept_relevance`` (concept relevance R(k)),
     ``latent_analysis``, ``propose_ablation``, ``subspace_heatmaps``, ``KeptAblation``.
 Stage 3, prune
     ``prune`` (the schedule for one method), ``run_pruning``, ``PruneConfig``, ``METHODS``,
@@ -51,7 +51,7 @@ _PUBLIC: dict[str, str] = {
     "example_folder": "cnp.api", "backbone": "cnp.api", "result_rows": "cnp.api",
     "Split": "cnp.data.splits", "PairData": "cnp.data.splits",
     "warm_up": "cnp.warmup",
-    "fit_concepts": "cnp.concepts", "concept_scores": "cnp.concepts", "latent_analysis": "cnp.concepts",
+    "fit_concepts": "cnp.concepts", "concept_relevance": "cnp.concepts", "latent_analysis": "cnp.concepts",
     "propose_ablation": "cnp.concepts", "subspace_heatmaps": "cnp.concepts",
     "LRP": "cnp.lrp", "LRPConfig": "cnp.lrp", "contexts": "cnp.lrp",
     "VirtualLayer": "cnp.virtual_layer", "insert_virtual_layer": "cnp.virtual_layer",

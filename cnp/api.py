@@ -20,7 +20,7 @@ Example
 >>> warm = cnp.warm_up(model, data).model                           # new 2-way head
 >>> fit = cnp.fit_concepts(warm, data["drsa"], layer="layer3", K=4)  # DRSA subspaces U_k
 >>> vl = cnp.insert_virtual_layer(warm, fit.U, K=4, layer="layer3")
->>> ap = cnp.latent_analysis(cnp.concept_scores(warm, vl, data["val"].positives()),
+>>> ap = cnp.latent_analysis(cnp.concept_relevance(warm, vl, data["val"].positives()),
 ...                          data["val"].positives().wm)
 >>> ablated = cnp.propose_ablation(ap)                              # K'
 >>> vl.set_ablation(ablated); state = vl.state(); cnp.remove_virtual_layer(warm)

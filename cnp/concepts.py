@@ -8,7 +8,7 @@ This is the glue of stages 1 and 2 of the paper:
   builds them from the watermark masks (:func:`watermark_oracle_basis`: the first subspace holds
   the directions with the most excess activation energy at watermark positions), a check that
   separates "DRSA does not find the watermark" from "ablating it does not help";
-* :func:`concept_scores` gives every image's concept relevance ``R(k)`` through the virtual
+* :func:`concept_relevance` gives every image's concept relevance ``R(k)`` through the virtual
   layer;
 * :func:`latent_analysis` scores each subspace by the average precision of ``R(k)`` against
   ground-truth watermark labels and :func:`propose_ablation` turns that into ``K'``;
@@ -155,7 +155,7 @@ def fit_concepts(
                       layer=layer, A=A if keep_data else None, C=C if keep_data else None)
 
 
-def concept_scores(model: nn.Module, vl: VirtualLayer, split: Split, target: int = 1,
+def concept_relevance(model: nn.Module, vl: VirtualLayer, split: Split, target: int = 1,
                    batch_size: int = 64, lrp_config: LRPConfig | None = None,
                    device: torch.device | str = "cpu", verbose: bool = False) -> torch.Tensor:
     """Concept relevance ``R(k)`` of every image of ``split``: (n, K), through the virtual layer."""

@@ -64,7 +64,7 @@ from cnp.models import (
 )
 from cnp.params import BENCHMARK_DEFAULTS, FIELDS, SMOKE, Params
 from cnp.pretrain import BackboneConfig, load_backbone, load_torchvision_backbone
-from cnp.pruning import PruneConfig
+from cnp.pruning import PruneConfig, run_pruning
 from cnp.pruning.schedule import METHOD_SPECS, METHODS
 from cnp.runtime import (
     StageTimer,
@@ -372,8 +372,9 @@ def open_run(params: Params | None = None, **overrides) -> Run:
 #: its seed and arithmetic, see :func:`_stage_key`).
 _STAGE_SECTIONS = {"warmup": ("data", "model", "warmup"), "augment": ("concepts",), "ablate": ("report",),
                    "prune": ("pruning", "experimental"), "evaluate": ()}
-#: Parameters of a stage's sections that its results do not depend on (and the stage they join).
-_STAGE_LATER = {"ablate", "ap_threshold", "max_ablate", "ablation_mode"}  # concepts: chosen at the ablate stage
+#: The concepts section's parameters of the ablated set K': chosen at the ablate stage, so not
+#: part of the augment stage's key.
+_STAGE_LATER = {"ablate", "ap_threshold", "max_ablate", "ablation_mode"}
 
 
 def _stage_key(p: Params, stage: str) -> str:
@@ -395,9 +396,6 @@ def _stage_key(p: Params, stage: str) -> str:
             keys.update({n: d[n] for n in names if n not in ("methods", "heatmap_images")})
     if "augment" in upto:
         arithmetic["drsa_precision"] = drsa_precision(p, dev)
-    else:
-        for n in [f for f, (sec, _t, _d) in FIELDS.items() if sec == "concepts"]:
-            keys.pop(n, None)
     if "ablate" not in upto:
         for n in _STAGE_LATER:
             keys.pop(n, None)
@@ -593,8 +591,8 @@ def run_prune(run: Run, verbose: bool = True) -> dict:
             _model, vl = augmented_model(run, abl["ablated"], p.concepts.ablation_mode)
             state = vl.state()
         t0 = time.perf_counter()
-        res = stages.prune(warm_model(run), run.data(), method, cfg, concept_state=state, seed=p.run.seed,
-                           device=run.device, checkpoint_dir=run.dir / "prune", verbose=verbose)
+        res = run_pruning(warm_model(run), run.data(), method, cfg, concept_state=state, seed=p.run.seed,
+                          device=run.device, run_dir=run.dir / "prune", verbose=verbose)
         run.timer.times[f"prune:{method}"] = time.perf_counter() - t0
         curves[method] = res.curve
         timings[method] = res.timings

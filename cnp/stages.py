@@ -1,17 +1,17 @@
 """The paper's stages as functions of their inputs: each takes what it needs and returns what it made.
 
-==================  =========================================================  ==============
-stage               computes                                                   notebook
-==================  =========================================================  ==============
-:func:`warm_up`     a new 2-way head on the frozen backbone; accuracy per      01_warmup
-                    subgroup
-:func:`augment`     DRSA's subspaces U_k at the layer l; the virtual layer     02_augment
-                    leaves the logits unchanged
-:func:`ablate`      latent analysis (AP of R(k) against the watermark), the    03_ablate
-                    shares of relevance on the watermark, heatmaps, K'
-:func:`prune`       the iterative schedule of one method                       04_prune
-:func:`metrics`     everything of a run as ``metrics.json`` holds it           05_evaluate
-==================  =========================================================  ==============
+================================  ===============================================  ===========
+stage                             computes                                         notebook
+================================  ===============================================  ===========
+:func:`warm_up`                   a new 2-way head on the frozen backbone;         01_warmup
+                                  accuracy per subgroup
+:func:`augment`                   DRSA's subspaces U_k at the layer l; the         02_augment
+                                  virtual layer leaves the logits unchanged
+:func:`ablate`                    latent analysis (AP of R(k) against the          03_ablate
+                                  watermark), shares, heatmaps, K'
+:func:`cnp.pruning.run_pruning`   the iterative schedule of one method             04_prune
+:func:`metrics`                   a run's results as ``metrics.json`` holds them   05_evaluate
+================================  ===============================================  ===========
 
 None of them reads or writes files except the checkpoints they are given, sets seeds or threads,
 or knows about run directories: :mod:`cnp.pipeline` calls them and caches what they return.
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from cnp.concepts import (
-    concept_scores,
+    concept_relevance,
     fit_concepts,
     latent_analysis,
     propose_ablation,
@@ -40,7 +40,6 @@ from cnp.io import CNPError
 from cnp.lrp import LRP, LRPConfig
 from cnp.models import VGG, get_layer, layer_output_shape
 from cnp.params import ConceptParams, WarmupParams
-from cnp.pruning import PruneConfig, PruneResult, run_pruning
 from cnp.virtual_layer import VirtualLayer, insert_virtual_layer, remove_virtual_layer
 from cnp.warmup import warmup
 
@@ -159,7 +158,7 @@ def ablate(model: torch.nn.Module, vl: VirtualLayer, data: PairData, cfg: Concep
     la_split = data["val"].positives()
     if la_split.wm.all() or not la_split.wm.any():
         la_split = data["drsa"]
-    scores = concept_scores(model, vl, la_split, lrp_config=lrp_config, device=device)
+    scores = concept_relevance(model, vl, la_split, lrp_config=lrp_config, device=device)
     try:
         ap = latent_analysis(scores, la_split.wm)
     except CNPError:
@@ -199,14 +198,6 @@ def ablate(model: torch.nn.Module, vl: VirtualLayer, data: PairData, cfg: Concep
 
 
 # ============================================================================ prune
-def prune(model: torch.nn.Module, data: PairData, method: str, cfg: PruneConfig, *, concept_state=None,
-          seed: int, device: torch.device, checkpoint_dir: Path | None = None,
-          verbose: bool = True) -> PruneResult:
-    """The iterative schedule of ``method`` (section 4.4) from the warmed-up ``model``."""
-    return run_pruning(model, data, method, cfg, concept_state=concept_state, seed=seed, device=device,
-                       run_dir=checkpoint_dir, verbose=verbose)
-
-
 def pruned_heatmaps(model: torch.nn.Module, images: torch.Tensor, lrp_config: LRPConfig,
                     device: torch.device) -> torch.Tensor:
     """Overall LRP heatmaps of a pruned model for the positive logit (``images`` in [0, 1])."""
@@ -242,5 +233,5 @@ def metrics(params: dict[str, Any], warm: dict, aug: dict, abl: dict, pr: dict,
     }
 
 
-__all__ = ["CURVE_FIELDS", "Concepts", "ablate", "augment", "layer_width", "metrics", "prune", "pruned_heatmaps",
+__all__ = ["CURVE_FIELDS", "Concepts", "ablate", "augment", "layer_width", "metrics", "pruned_heatmaps",
            "warm_up", "watermark_shares", "with_virtual_layer"]

@@ -166,7 +166,7 @@ def test_the_pipeline_runs_on_torchvision_architectures(name, layer, data, tmp_p
     assert warm(torch.zeros(1, 3, S, S)).shape == (1, 2)
     fit = cnp.fit_concepts(warm, data["drsa"], K=4, layer=layer, steps=2, restarts=1, n_positions=4, verbose=False)
     vl = cnp.insert_virtual_layer(warm, fit.U, 4, layer=layer)
-    scores = cnp.concept_scores(warm, vl, data["val"].positives())
+    scores = cnp.concept_relevance(warm, vl, data["val"].positives())
     assert scores.shape == (int((data["val"].labels == 1).sum()), 4)
     vl.set_ablation([0])
     state = vl.state()

@@ -10,7 +10,7 @@ from sklearn.metrics import average_precision_score
 
 from cnp.concepts import (
     collect_activations_contexts,
-    concept_scores,
+    concept_relevance,
     fit_concepts,
     latent_analysis,
     propose_ablation,
@@ -122,17 +122,17 @@ def test_fit_concepts_rejects_unknown_methods(tiny_vgg, tiny_pair):
 
 
 # ---------------------------------------------------------------------------- concept scores
-def test_concept_scores(tiny_vgg, tiny_pair, random_U):
+def test_concept_relevance(tiny_vgg, tiny_pair, random_U):
     split = tiny_pair["test"]
     vl = insert_virtual_layer(tiny_vgg, random_U(D), 4)
     vl.enabled = False
-    scores = concept_scores(tiny_vgg, vl, split, batch_size=5)
+    scores = concept_relevance(tiny_vgg, vl, split, batch_size=5)
     assert not vl.enabled  # restored
     assert scores.shape == (len(split), 4)
     logits = LRP(tiny_vgg).attribute(normalize_images(split.images), 1).target_logit  # bypassed
     assert torch.allclose(scores.sum(1), logits, atol=1e-4 * float(logits.abs().max()))
     vl.set_ablation([2])
-    ablated = concept_scores(tiny_vgg, vl, split, batch_size=5)
+    ablated = concept_relevance(tiny_vgg, vl, split, batch_size=5)
     assert (ablated[:, 2] == 0).all()
     assert not torch.allclose(ablated[:, [0, 1, 3]], scores[:, [0, 1, 3]], atol=1e-4)
 

@@ -398,7 +398,7 @@ def _recompute_concepts(model: torch.nn.Module, vl: VirtualLayer, data: PairData
     When the refit fails (every start diverged: after a step that leaves no positive relevance at
     the layer on the DRSA images, the warm start's objective is 0 and its gradient not finite),
     the previous U and ablated set are kept and the entry says so (``kept_previous``)."""
-    from cnp.concepts import concept_scores, fit_concepts, latent_analysis
+    from cnp.concepts import concept_relevance, fit_concepts, latent_analysis
 
     old_U, old_ablated = vl.U.detach().clone(), list(vl.ablated)
     vl.enabled = False
@@ -417,7 +417,7 @@ def _recompute_concepts(model: torch.nn.Module, vl: VirtualLayer, data: PairData
     vl.U = fit.U.to(vl.U.device)
     if cfg.reidentify == "ap":
         vl.set_ablation((), vl.mode)
-        scores = concept_scores(model, vl, data["drsa"], lrp_config=cfg.lrp, device=device)
+        scores = concept_relevance(model, vl, data["drsa"], lrp_config=cfg.lrp, device=device)
         ap = latent_analysis(scores, data["drsa"].wm)
         order = sorted(range(vl.K), key=lambda k: -ap[k])
         new_ablated = order[: len(old_ablated)]
