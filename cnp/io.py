@@ -169,14 +169,14 @@ def cache_dir() -> Path:
 
 def load_current(path: str | os.PathLike, *, what: str, check: Callable[[Any], str | None] = lambda _obj: None,
                  load: Callable[[Path], Any] = safe_torch_load, then: str = "rebuilding",
-                 report: Callable[[str], Any] | None = print) -> Any | None:
+                 report: Callable[[str], Any] | None = print, name: str | None = None) -> Any | None:
     """The object stored at ``path`` when it can be trusted, else ``None``.
 
     Every cache and checkpoint of the companion is read through this function: a file that
     does not exist gives ``None`` silently; one that cannot be read (``load`` raises
     :class:`CNPError`) or that ``check`` refuses (it returns the reason, e.g. "was made from
     another recipe") gives ``None`` and one line through ``report``:
-    ``[cnp] <what> <file name> <reason>: <then>``.
+    ``[cnp] <what> <name> <reason>: <then>``.
 
     Parameters
     ----------
@@ -192,19 +192,26 @@ def load_current(path: str | os.PathLike, *, what: str, check: Callable[[Any], s
         What happens instead, for the message ("rebuilding", "starting over").
     report : callable or None
         Where the line goes (``print``; ``None``: nowhere).
+    name : str, optional
+        How the message names the file before ``check``'s reason (default: the file's name;
+        ``""`` when the reason names what failed itself). An unreadable file is always named.
     """
     path = Path(path)
     if not path.exists():
         return None
+    name = path.name if name is None else name
     try:
         obj = load(path)
         why = check(obj)
+        if why is not None and name:
+            why = f"{name} {why}"
     except CNPError as exc:
-        why = f"could not be read: it is unreadable and is ignored (it is corrupt, truncated or not cnp's: {_reason(exc)})"
+        why = (f"{path.name} is unreadable and is ignored (it is corrupt, truncated or not cnp's; "
+               f"could not be read: {_reason(exc)})")
     if why is None:
         return obj
     if report is not None:
-        report(f"[cnp] {what} {path.name} {why}: {then}")
+        report(f"[cnp] {what} {why}: {then}")
     return None
 
 

@@ -46,6 +46,7 @@ from cnp.io import (
     CNPError,
     atomic_torch_save,
     atomic_write_json,
+    load_current,
     recipe_hash,
     safe_torch_load,
     sha256_file,
@@ -440,40 +441,41 @@ def _done(run: Run, stage: str) -> dict | None:
     Trusted means: ``summary.json`` reads, was written in this cache layout for the same
     parameters, every file the stage wrote still has the SHA-256 recorded in it (so a truncated,
     corrupt or missing file is rebuilt, never read) and the upstream stage's key and files are
-    the ones this stage was computed from. Anything else but a missing summary is reported with one line.
+    the ones this stage was computed from. Anything else but a missing summary is reported with
+    one line (:func:`cnp.io.load_current`).
     """
-    path = run.dir / stage / "summary.json"
-    if not path.exists():
-        return None
+    return load_current(run.dir / stage / "summary.json", what=f"{stage}:", name="", load=_read_summary,
+                        check=lambda s: _distrust(run, stage, s), then="re-running the stage")
+
+
+def _read_summary(path: Path) -> dict:
     try:
         s = json.loads(path.read_text())
-        if not isinstance(s, dict):
-            raise ValueError("not a JSON object")
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        print(f"[cnp] {stage}: {path} is unreadable ({type(exc).__name__}): re-running the stage")
-        return None
-    why = None
-    if s.get("layout") != CACHE_LAYOUT:
-        why = "its results were written by an earlier version of cnp"
-    elif s.get("key") != _stage_key(run.params, stage):
-        why = "its results are for other parameters"
-    else:
-        for rel, digest in s["files"].items():
-            got = _digest(run.dir / rel)
-            if got is None:
-                why = f"{rel} is missing"
-            elif got != digest:
-                why = f"{rel} does not match the SHA-256 in its summary.json (corrupt or truncated)"
-            if why:
-                break
-    if why is None:
-        up = _STAGE_INPUT[stage]
-        if up is not None and s.get("input") != _input_id(run, up):
-            why = f"the {up} stage it was computed from has changed"
-    if why:
-        print(f"[cnp] {stage}: {why}; re-running the stage")
-        return None
+        raise CNPError(f"{type(exc).__name__}") from exc
+    if not isinstance(s, dict):
+        raise CNPError("not a JSON object")
     return s
+
+
+def _distrust(run: Run, stage: str, s: dict) -> str | None:
+    """Why a stage's summary ``s`` cannot be trusted (``None``: it can)."""
+    if s.get("layout") != CACHE_LAYOUT:
+        return "its results were written by an earlier version of cnp"
+    if s.get("key") != _stage_key(run.params, stage):
+        return "its results are for other parameters"
+    if not isinstance(s.get("files"), dict):
+        return "its summary.json records no file hashes"
+    for rel, digest in s["files"].items():
+        got = _digest(run.dir / rel)
+        if got is None:
+            return f"{rel} is missing"
+        if got != digest:
+            return f"{rel} does not match the SHA-256 in its summary.json (corrupt or truncated)"
+    up = _STAGE_INPUT[stage]
+    if up is not None and s.get("input") != _input_id(run, up):
+        return f"the {up} stage it was computed from has changed"
+    return None
 
 
 def _finish(run: Run, stage: str, summary: dict) -> dict:
