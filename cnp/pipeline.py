@@ -26,9 +26,12 @@ a wrong type, K that does not divide the layer's width, an unknown method or a t
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +70,7 @@ from cnp.params import BENCHMARK_DEFAULTS, FIELDS, SMOKE, Params
 from cnp.pretrain import BackboneConfig, load_backbone, load_torchvision_backbone
 from cnp.pruning import PruneConfig, run_pruning
 from cnp.pruning.schedule import METHOD_SPECS, METHODS
+from cnp.resources import default_run_dir
 from cnp.runtime import (
     StageTimer,
     bf16_native,
@@ -262,6 +266,57 @@ def prune_config(p: Params) -> PruneConfig:
                        rr_lambda=q.rr_lambda, wm_share_images=p.report.wm_share_images, lrp=lrp_config(p),
                        precision=p.run.precision, memory_format=p.run.memory_format,
                        drsa_precision=p.run.drsa_precision)
+
+
+# ============================================================================ notebooks
+def notebook_params(namespace: Mapping[str, Any]):
+    """The validated :class:`~cnp.pipeline.Params` of a notebook's ``parameters`` cell.
+
+    Takes every variable of ``namespace`` (the notebook's ``globals()``) named like a
+    ``Params`` field, skipping ``None`` ("the default", which for ``smoke=True`` is the smoke
+    size), then the entries of the dict ``extra`` (any other field). An empty ``run_dir`` becomes
+    :func:`default_run_dir`; no ``threads`` becomes ``$CNP_THREADS`` when that is set. A name that
+    papermill injected (its ``# Parameters`` cell, found in the kernel's input history ``In``)
+    but that is no parameter is an error too, rather than silently ignored.
+
+    Raises
+    ------
+    CNPError
+        One line naming the first bad parameter (from :func:`cnp.pipeline.make_params`).
+    """
+    names = set(FIELDS)
+    over = {k: namespace[k] for k in names if k in namespace and namespace[k] is not None}
+    extra = namespace.get("extra") or {}
+    if not isinstance(extra, Mapping):
+        raise CNPError(f"extra must be a dict of further parameters, got {type(extra).__name__}")
+    over.update(extra)
+    for name in sorted(_papermill_injected(namespace) - names - {"extra"}):
+        over[name] = namespace.get(name)  # make_params reports it as an unknown parameter
+    if not over.get("threads") and os.environ.get("CNP_THREADS"):
+        over["threads"] = os.environ["CNP_THREADS"]
+    if not over.get("run_dir"):
+        p = make_params(**over)  # validates pair and seed before they name a folder
+        over["run_dir"] = str(default_run_dir(p.data.pair, p.run.seed, p.run.smoke))
+    return make_params(**over)
+
+
+def _papermill_injected(namespace: Mapping[str, Any]) -> set[str]:
+    """Names assigned in the cells papermill injected (source starting ``# Parameters``)."""
+    found: set[str] = set()
+    history = namespace.get("In")
+    if not isinstance(history, list):
+        return found
+    for src in history:
+        if not (isinstance(src, str) and src.lstrip().startswith("# Parameters")):
+            continue
+        try:
+            body = ast.parse(src).body
+        except SyntaxError:
+            continue
+        for node in body:
+            if isinstance(node, ast.Assign):
+                found.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return found
 
 
 # ============================================================================ inputs
@@ -634,6 +689,6 @@ def run_all(verbose: bool = True, **overrides) -> dict:
 
 __all__ = ["BENCHMARK_DEFAULTS", "CACHE_LAYOUT", "DATASETS", "METHODS", "Params", "Run", "SMOKE", "STAGES",
            "augmented_model", "backbone_config", "concepts", "drsa_layer", "drsa_precision", "layer_width",
-           "load_data", "load_pretrained", "lrp_config", "make_params", "open_run", "protect_layer",
+           "load_data", "load_pretrained", "lrp_config", "make_params", "notebook_params", "open_run", "protect_layer",
            "prune_config", "run_ablate", "run_all", "run_augment", "run_evaluate", "run_prune", "run_warmup",
            "warm_model"]

@@ -1,4 +1,5 @@
-"""Where the notebooks and the pair manifests are, in a checkout and in an installed package.
+"""Where the notebooks and the pair manifests are, in a checkout and in an installed package,
+and where runs and figures go by default.
 
 The repository keeps them at its top level (``notebooks/``, ``data_manifests/``). A wheel
 carries the same files as package data, ``cnp/_data/notebooks`` and ``cnp/_data/manifests``
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from cnp.io import CNPError
 
-__all__ = ["checkout_root", "manifest_dir", "notebook_dir", "notebook_files"]
+__all__ = ["checkout_root", "default_figures_dir", "default_run_dir", "default_runs_root", "manifest_dir",
+           "notebook_dir", "notebook_files"]
 
 #: the ``cnp`` package folder
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -91,3 +93,28 @@ def notebook_files() -> list[Path]:
     """
     d = notebook_dir()
     return sorted(p for p in d.glob("*.ipynb") if p.is_file()) if d.is_dir() else []
+
+
+# ---------------------------------------------------------------------------- where results go
+def _default_base() -> Path:
+    """The checkout's root, or the current directory for an installed package (never
+    ``site-packages``)."""
+    return checkout_root() or Path.cwd()
+
+
+def default_runs_root() -> Path:
+    """Where runs go when a notebook is given no ``run_dir``: ``$CNP_RUNS``, else ``<repo>/runs``
+    from a checkout, else ``runs/`` in the current directory (an installed package)."""
+    return Path(os.environ.get("CNP_RUNS") or _default_base() / "runs")
+
+
+def default_figures_dir() -> Path:
+    """Where 06 writes figures by default: ``$CNP_FIGURES``, else ``<repo>/figures`` from a
+    checkout, else ``figures/`` in the current directory (an installed package)."""
+    return Path(os.environ.get("CNP_FIGURES") or _default_base() / "figures")
+
+
+def default_run_dir(pair: str, seed: int, smoke: bool = False) -> Path:
+    """``<runs root>/<pair>/seed<k>`` (smoke runs: ``<runs root>/smoke/<pair>/seed<k>``)."""
+    root = default_runs_root()
+    return (root / "smoke" if smoke else root) / str(pair) / f"seed{int(seed)}"

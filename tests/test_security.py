@@ -123,7 +123,7 @@ def test_parameters_cells_are_plain_literals(nb_path):
 
 def test_code_looking_parameter_strings_stay_strings(tmp_path):
     from cnp import sweep
-    from cnp.pipeline import make_params
+    from cnp.pipeline import make_params, notebook_params
 
     marker = tmp_path / "pwned"
     payload = f"__import__('pathlib').Path({str(marker)!r}).touch()"
@@ -132,7 +132,7 @@ def test_code_looking_parameter_strings_stay_strings(tmp_path):
     with pytest.raises(CNPError, match="wrong type"):
         make_params(K=payload)
     with pytest.raises(CNPError, match="wrong type"):
-        sweep.notebook_params({"K": payload})
+        notebook_params({"K": payload})
     assert make_params(wm_text=payload).data.wm_text == payload
     assert not marker.exists()
 

@@ -19,6 +19,7 @@ from netguard import guard_env, refused
 from cnp import sweep
 from cnp.io import CNPError
 from cnp.params import FIELDS, Params, type_name
+from cnp.pipeline import notebook_params
 
 REPO = Path(__file__).resolve().parents[1]
 NB_DIR = REPO / "notebooks"
@@ -182,14 +183,14 @@ def test_notebook_params_resolves_defaults(monkeypatch, tmp_path):
     monkeypatch.setenv("CNP_THREADS", "1")
     ns = {"pair": "crate-packet", "seed": 2, "step": None, "smoke": True, "run_dir": "", "threads": 0,
           "extra": {"drsa_steps": 7}, "unrelated": 1}
-    p = sweep.notebook_params(ns)
+    p = notebook_params(ns)
     assert p.pruning.step == 0.4 and p.concepts.drsa_steps == 7 and p.run.threads == 1  # smoke size, extra, $CNP_THREADS
     assert p.run_path == tmp_path / "runs" / "smoke" / "crate-packet" / "seed2"
-    assert sweep.notebook_params({"pair": "basketball"}).run_path == tmp_path / "runs" / "basketball" / "seed0"
+    assert notebook_params({"pair": "basketball"}).run_path == tmp_path / "runs" / "basketball" / "seed0"
     with pytest.raises(CNPError, match="target"):
-        sweep.notebook_params({"target": 1.5})
+        notebook_params({"target": 1.5})
     with pytest.raises(CNPError, match="extra"):
-        sweep.notebook_params({"extra": [1]})
+        notebook_params({"extra": [1]})
 
 
 def test_injected_parameters_put_the_rest_in_extra():
@@ -476,7 +477,7 @@ def test_expected_key_matches_what_the_notebooks_resolve(monkeypatch, tmp_path):
         ns: dict = {}
         exec(source, ns)
         ns.update(job.all_params())             # what papermill injects after the cell
-        assert sweep.params_key(sweep.notebook_params(ns).to_dict()) == sweep.expected_key(job), overrides
+        assert sweep.params_key(notebook_params(ns).to_dict()) == sweep.expected_key(job), overrides
 
 
 def test_a_failing_run_keeps_its_notebook_and_the_others_go_on(tmp_path):

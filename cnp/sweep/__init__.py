@@ -74,7 +74,7 @@ dependency: ``pip install -e '.[cluster]'``), then runs 06 locally::
 ``--cluster local`` runs the jobs as local processes through submitit's LocalExecutor (it starts
 them all at once), ``--cluster debug`` runs them in this process. Logs go to ``DIR/.submitit``.
 
-The notebooks' parameter cells resolve defaults with :func:`notebook_params`.
+The notebooks' parameter cells resolve defaults with :func:`cnp.pipeline.notebook_params`.
 
 Modules: :mod:`cnp.sweep.presets` (the named sweeps), :mod:`cnp.sweep.planning` (the notebooks'
 parameters, jobs, the resume check), :mod:`cnp.sweep.runner` (papermill, the stall watchdog, the
@@ -84,6 +84,7 @@ names are importable from ``cnp.sweep`` as well.
 
 from __future__ import annotations
 
+from cnp.resources import default_figures_dir, default_run_dir, default_runs_root  # noqa: F401
 from cnp.sweep.cli import (  # noqa: F401
     build_parser,
     format_table,
@@ -95,13 +96,9 @@ from cnp.sweep.cli import (  # noqa: F401
 from cnp.sweep.planning import (  # noqa: F401
     Job,
     check_overrides,
-    default_figures_dir,
-    default_run_dir,
-    default_runs_root,
     expand_grid,
     expected_key,
     job_status,
-    notebook_params,
     params_key,
     parse_assignments,
     parse_grid,
@@ -153,4 +150,4 @@ from cnp.sweep.runner import (  # noqa: F401
     run_submitit,
 )
 
-__all__ = ["CLUSTER_CPUS", "CONTROL_GRID", "EVIDENCE_PARTS", "EVIDENCE_SEEDS", "FIGURES_NOTEBOOK", "FULL_PARAMS", "FULL_SEEDS", "Job", "KERNEL", "KERNEL_STALL_S", "KernelStalled", "NOTEBOOK_DIR", "PRESETS", "REPO_ROOT", "REPRODUCE_PAIR_PARAMS", "REPRODUCE_PAIR_SEEDS", "REPRODUCE_PARAMS", "REPRODUCE_SEEDS", "RESULT_INDEPENDENT", "RUN_NOTEBOOKS", "SHORT_NAMES", "STALL_CPU_FRACTION", "STYLES_GRID", "STYLES_SELECTED", "TABLE1_GRID", "TABLE1_SELECTED", "VARIANTS_GRID", "VARIANTS_SELECTED", "available_cores", "build_parser", "check_kernel", "check_overrides", "default_figures_dir", "default_run_dir", "default_runs_root", "descendants", "execute", "expand_grid", "expected_key", "format_table", "injected_parameters", "job_status", "list_params", "main", "notebook_parameter_names", "notebook_params", "params_key", "parse_assignments", "parse_grid", "parse_value", "plan", "plan_preset", "prepare_shared", "resolved_params", "run_job", "run_local", "run_submitit", "summary_rows", "variant_name"]
+__all__ = ["CLUSTER_CPUS", "CONTROL_GRID", "EVIDENCE_PARTS", "EVIDENCE_SEEDS", "FIGURES_NOTEBOOK", "FULL_PARAMS", "FULL_SEEDS", "Job", "KERNEL", "KERNEL_STALL_S", "KernelStalled", "NOTEBOOK_DIR", "PRESETS", "REPO_ROOT", "REPRODUCE_PAIR_PARAMS", "REPRODUCE_PAIR_SEEDS", "REPRODUCE_PARAMS", "REPRODUCE_SEEDS", "RESULT_INDEPENDENT", "RUN_NOTEBOOKS", "SHORT_NAMES", "STALL_CPU_FRACTION", "STYLES_GRID", "STYLES_SELECTED", "TABLE1_GRID", "TABLE1_SELECTED", "VARIANTS_GRID", "VARIANTS_SELECTED", "available_cores", "build_parser", "check_kernel", "check_overrides", "default_figures_dir", "default_run_dir", "default_runs_root", "descendants", "execute", "expand_grid", "expected_key", "format_table", "injected_parameters", "job_status", "list_params", "main", "notebook_parameter_names", "params_key", "parse_assignments", "parse_grid", "parse_value", "plan", "plan_preset", "prepare_shared", "resolved_params", "run_job", "run_local", "run_submitit", "summary_rows", "variant_name"]

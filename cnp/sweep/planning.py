@@ -5,94 +5,15 @@ from __future__ import annotations
 import ast
 import itertools
 import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cnp import resources
 from cnp.io import CNPError, recipe_hash
 from cnp.params import BENCHMARK_DEFAULTS, FIELDS
 from cnp.sweep.presets import RESULT_INDEPENDENT, SHORT_NAMES
-
-
-# ============================================================================ notebook support
-def _default_base() -> Path:
-    """The checkout's root, or the current directory for an installed package (never
-    ``site-packages``)."""
-    return resources.checkout_root() or Path.cwd()
-
-
-def default_runs_root() -> Path:
-    """Where runs go when a notebook is given no ``run_dir``: ``$CNP_RUNS``, else ``<repo>/runs``
-    from a checkout, else ``runs/`` in the current directory (an installed package)."""
-    return Path(os.environ.get("CNP_RUNS") or _default_base() / "runs")
-
-
-def default_figures_dir() -> Path:
-    """Where 06 writes figures by default: ``$CNP_FIGURES``, else ``<repo>/figures`` from a
-    checkout, else ``figures/`` in the current directory (an installed package)."""
-    return Path(os.environ.get("CNP_FIGURES") or _default_base() / "figures")
-
-
-def default_run_dir(pair: str, seed: int, smoke: bool = False) -> Path:
-    """``<runs root>/<pair>/seed<k>`` (smoke runs: ``<runs root>/smoke/<pair>/seed<k>``)."""
-    root = default_runs_root()
-    return (root / "smoke" if smoke else root) / str(pair) / f"seed{int(seed)}"
-
-
-def notebook_params(namespace: Mapping[str, Any]):
-    """The validated :class:`~cnp.pipeline.Params` of a notebook's ``parameters`` cell.
-
-    Takes every variable of ``namespace`` (the notebook's ``globals()``) named like a
-    ``Params`` field, skipping ``None`` ("the default", which for ``smoke=True`` is the smoke
-    size), then the entries of the dict ``extra`` (any other field). An empty ``run_dir`` becomes
-    :func:`default_run_dir`; no ``threads`` becomes ``$CNP_THREADS`` when that is set. A name that
-    papermill injected (its ``# Parameters`` cell, found in the kernel's input history ``In``)
-    but that is no parameter is an error too, rather than silently ignored.
-
-    Raises
-    ------
-    CNPError
-        One line naming the first bad parameter (from :func:`cnp.pipeline.make_params`).
-    """
-    from cnp.pipeline import make_params
-
-    names = set(FIELDS)
-    over = {k: namespace[k] for k in names if k in namespace and namespace[k] is not None}
-    extra = namespace.get("extra") or {}
-    if not isinstance(extra, Mapping):
-        raise CNPError(f"extra must be a dict of further parameters, got {type(extra).__name__}")
-    over.update(extra)
-    for name in sorted(_papermill_injected(namespace) - names - {"extra"}):
-        over[name] = namespace.get(name)  # make_params reports it as an unknown parameter
-    if not over.get("threads") and os.environ.get("CNP_THREADS"):
-        over["threads"] = os.environ["CNP_THREADS"]
-    if not over.get("run_dir"):
-        p = make_params(**over)  # validates pair and seed before they name a folder
-        over["run_dir"] = str(default_run_dir(p.data.pair, p.run.seed, p.run.smoke))
-    return make_params(**over)
-
-
-def _papermill_injected(namespace: Mapping[str, Any]) -> set[str]:
-    """Names assigned in the cells papermill injected (source starting ``# Parameters``)."""
-    found: set[str] = set()
-    history = namespace.get("In")
-    if not isinstance(history, list):
-        return found
-    for src in history:
-        if not (isinstance(src, str) and src.lstrip().startswith("# Parameters")):
-            continue
-        try:
-            body = ast.parse(src).body
-        except SyntaxError:
-            continue
-        for node in body:
-            if isinstance(node, ast.Assign):
-                found.update(t.id for t in node.targets if isinstance(t, ast.Name))
-    return found
 
 
 # ============================================================================ planning

@@ -160,7 +160,7 @@ class _StallWatchdog:
 
 class _RunParametersFilter:
     """Drops papermill's "Passed unknown parameter" warning: a run passes every run parameter
-    to each notebook on purpose (``notebook_params(globals())`` reads them all, also those its
+    to each notebook on purpose (``cnp.pipeline.notebook_params(globals())`` reads them all, also those its
     parameters cell does not list), so the warning says nothing wrong."""
 
     def filter(self, record) -> bool:
