@@ -57,6 +57,10 @@ METHOD_STYLE = {
     "cnp-keep": {"color": "#9467bd", "label": "CNP, ablation kept (beyond the paper)"},
     "cnp-rr": {"color": "#ff7f0e", "label": "CNP, concept-penalised fine-tuning (beyond the paper)"},
     "cnp-recompute": {"color": "#8c564b", "label": "CNP, DRSA recomputed (beyond the paper)"},
+    "cnp-refit": {"color": "#e377c2", "label": "CNP, DRSA fitted afresh each step (beyond the paper)"},
+    "cnp-keep-refit": {"color": "#17becf", "label": "CNP, kept ablation following fresh fits (beyond the paper)"},
+    "cnp-rr-refit": {"color": "#bcbd22", "label": "CNP, penalty following fresh fits (beyond the paper)"},
+    "cnp-posthoc": {"color": "#000000", "label": "CNP, then a fresh fit's ablation kept (beyond the paper)"},
 }
 #: Paper numbering of the canonical pairs: pair -> (subspace figure, accuracy figure).
 PAPER_FIGURES = {"carton-dugong": ("fig2_subspaces", "fig3_accuracy"),

@@ -265,7 +265,7 @@ def prune_config(p: Params) -> PruneConfig:
                        finetune_with_virtual_layer=x.finetune_with_virtual_layer, recompute_drsa=x.recompute_drsa,
                        rr_lambda=q.rr_lambda, wm_share_images=p.report.wm_share_images, lrp=lrp_config(p),
                        precision=p.run.precision, memory_format=p.run.memory_format,
-                       drsa_precision=p.run.drsa_precision)
+                       drsa_precision=p.run.drsa_precision, refit_steps=p.concepts.drsa_steps)
 
 
 # ============================================================================ notebooks

@@ -258,3 +258,144 @@ def test_cnp_recompute_records_each_refit(tiny_vgg, tiny_pair, random_U, monkeyp
     res = run_pruning(tiny_vgg, tiny_pair, "cnp-recompute", cfg, concept_state=st, seed=0, verbose=False)
     assert all(e["drsa_recomputed"]["kept_previous"] and e["drsa_recomputed"]["ablated"] == [0]
                for e in res.curve if "drsa_recomputed" in e)
+
+
+# ------------------------------------------------------------------- fresh refits, post-hoc
+def _plant_refits(monkeypatch, U_new, wm_block: int, calls: list):
+    """Every DRSA fit returns ``U_new`` (recording its arguments) and concept relevance R(k) is
+    the watermark label in column ``wm_block`` (noise elsewhere): latent analysis must pick it."""
+    import cnp.concepts
+    from cnp.concepts import ConceptFit
+
+    def fit(model, split, K=4, layer="relu4_3", steps=0, restarts=1, seed=0, init=None, **kw):
+        calls.append({"steps": steps, "init": init, "restarts": restarts})
+        return ConceptFit(U=U_new.clone(), K=K, J=1.0, history=[1.0], layer=layer)
+
+    def relevance(model, vl, split, **kw):
+        g = torch.Generator().manual_seed(len(calls))
+        r = 0.01 * torch.rand(len(split.wm), vl.K, generator=g)
+        r[:, wm_block] += split.wm.float()
+        return r
+
+    monkeypatch.setattr(cnp.concepts, "fit_concepts", fit)
+    monkeypatch.setattr(cnp.concepts, "concept_relevance", relevance)
+
+
+def test_fresh_refits_start_at_random_and_find_the_reencoded_subspace(tiny_vgg, tiny_pair, random_U, monkeypatch):
+    """cnp-refit: each refit starts without the previous U and re-identifies K' by latent
+    analysis; a watermark planted in block 2 of the refitted basis (it was block 0) is found
+    there, where overlap with the previous subspace would not look."""
+    import dataclasses
+
+    assert tiny_pair["drsa"].wm.any() and not tiny_pair["drsa"].wm.all()
+    U_new = random_U(D, seed=9)
+    calls: list = []
+    _plant_refits(monkeypatch, U_new, wm_block=2, calls=calls)
+    cfg = dataclasses.replace(CFG, refit_steps=7, recompute_steps=5)
+    res = run_pruning(tiny_vgg, tiny_pair, "cnp-refit", cfg, concept_state=_state(random_U(D, seed=4)), seed=0,
+                      verbose=False)
+    refits = [e["drsa_recomputed"] for e in res.curve if "drsa_recomputed" in e]
+    assert len(refits) == cfg.n_steps
+    assert all(r["ablated"] == [2] and r["fresh"] and not r["kept_previous"] for r in refits)
+    assert all(c["init"] is None and c["steps"] == 7 for c in calls)
+    # the warm-started method starts from the previous U, with its own step count
+    calls.clear()
+    run_pruning(tiny_vgg, tiny_pair, "cnp-recompute", cfg, concept_state=_state(random_U(D, seed=4)), seed=0,
+                verbose=False)
+    assert calls and all(c["init"] is not None and c["steps"] == 5 for c in calls)
+
+
+def test_keep_refit_deploys_the_last_refits_subspace(tiny_vgg, tiny_pair, random_U, monkeypatch):
+    import dataclasses
+
+    U_new = random_U(D, seed=9)
+    _plant_refits(monkeypatch, U_new, wm_block=1, calls=[])
+    res = run_pruning(tiny_vgg, tiny_pair, "cnp-keep-refit", dataclasses.replace(CFG, refit_steps=3),
+                      concept_state=_state(random_U(D, seed=4)), seed=0, verbose=False)
+    kept = get_kept_ablation(res.model)
+    assert kept is not None and get_virtual_layer(res.model) is None
+    d_k = D // 4
+    block = U_new[:, d_k:2 * d_k]
+    # the kept correction projects out exactly the planted block 1 of the refitted basis
+    assert torch.allclose(kept.W @ kept.W.T, block @ block.T, atol=1e-5)
+
+
+def test_rr_refit_penalises_the_refitted_subspace(tiny_vgg, tiny_pair, random_U, monkeypatch):
+    import dataclasses
+
+    import cnp.pruning.schedule as schedule
+
+    U_new = random_U(D, seed=9)
+    _plant_refits(monkeypatch, U_new, wm_block=3, calls=[])
+    seen = []
+    real = schedule._penalty
+    monkeypatch.setattr(schedule, "_penalty", lambda vl, cfg: seen.append(real(vl, cfg)) or seen[-1])
+    run_pruning(tiny_vgg, tiny_pair, "cnp-rr-refit", dataclasses.replace(CFG, refit_steps=3),
+                concept_state=_state(random_U(D, seed=4)), seed=0, verbose=False)
+    d_k = D // 4
+    first, later = seen[0].W, [p.W for p in seen[1:]]
+    assert torch.allclose(first, random_U(D, seed=4)[:, :d_k])  # step 1: the original K'
+    assert later and all(torch.allclose(W, U_new[:, 3 * d_k:]) for W in later)  # then the refit's
+
+
+def test_posthoc_is_cnp_plus_a_kept_ablation_of_a_fresh_fit(tiny_vgg, tiny_pair, random_U, monkeypatch, tmp_path):
+    import dataclasses
+
+    import cnp.pruning.schedule as schedule
+
+    cfg = dataclasses.replace(CFG, refit_steps=4)
+    st = _state(random_U(D, seed=4))
+    alone = run_pruning(tiny_vgg, tiny_pair, "cnp-posthoc", cfg, concept_state=st, seed=0, verbose=False)
+    cnp_res = run_pruning(tiny_vgg, tiny_pair, "cnp", cfg, concept_state=st, seed=0, run_dir=tmp_path, verbose=False)
+    # the schedule is cnp's, bit for bit; one more final entry: the network as deployed
+    assert alone.curve[:-1] == cnp_res.curve
+    last = alone.curve[-1]
+    assert last["stage"] == "final" and last["step"] == cnp_res.curve[-1]["step"] + 1
+    assert last["drsa_recomputed"]["fresh"] and len(last["drsa_recomputed"]["ablated"]) == 1
+    assert "acc_ablation_removed" in last and last["acc_ablation_removed"] == cnp_res.curve[-1]["acc"]
+    assert get_kept_ablation(alone.model) is not None and get_kept_ablation(cnp_res.model) is None
+    # in cnp's run directory it reuses cnp's finished schedule (no fine-tune runs) with the same result
+    monkeypatch.setattr(schedule, "_finetune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fine-tuned")))
+    reused = run_pruning(tiny_vgg, tiny_pair, "cnp-posthoc", cfg, concept_state=st, seed=0, run_dir=tmp_path,
+                         verbose=False)
+    assert reused.curve == alone.curve
+    # resumed from the checkpoint it wrote: the same again
+    again = run_pruning(tiny_vgg, tiny_pair, "cnp-posthoc", cfg, concept_state=st, seed=0, run_dir=tmp_path,
+                        verbose=False)
+    assert again.curve == alone.curve and get_kept_ablation(again.model) is not None
+
+
+def test_posthoc_resumes_after_the_final_fine_tune(tiny_vgg, tiny_pair, random_U, monkeypatch, tmp_path):
+    import dataclasses
+
+    import cnp.pruning.schedule as schedule
+
+    cfg = dataclasses.replace(CFG, refit_steps=4)
+    st = _state(random_U(D, seed=4))
+    whole = run_pruning(tiny_vgg, tiny_pair, "cnp-posthoc", cfg, concept_state=st, seed=0, verbose=False)
+    real = schedule._posthoc
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(schedule, "_posthoc", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pruning(tiny_vgg, tiny_pair, "cnp-posthoc", cfg, concept_state=st, seed=0, run_dir=tmp_path, verbose=False)
+    monkeypatch.setattr(schedule, "_posthoc", real)
+    monkeypatch.setattr(schedule, "_finetune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fine-tuned")))
+    resumed = run_pruning(tiny_vgg, tiny_pair, "cnp-posthoc", cfg, concept_state=st, seed=0, run_dir=tmp_path,
+                          verbose=False)
+    assert resumed.curve == whole.curve
+
+
+def test_refit_steps_only_key_the_fresh_fits(tiny_vgg, tiny_pair, random_U, tmp_path):
+    import dataclasses
+
+    st = _state(random_U(D, seed=4))
+    run_pruning(tiny_vgg, tiny_pair, "cnp", CFG, concept_state=st, seed=0, run_dir=tmp_path, verbose=False)
+    before = (tmp_path / "prune_cnp.pt").stat().st_mtime_ns
+    run_pruning(tiny_vgg, tiny_pair, "cnp", dataclasses.replace(CFG, refit_steps=11), concept_state=st, seed=0,
+                run_dir=tmp_path, verbose=False)
+    assert (tmp_path / "prune_cnp.pt").stat().st_mtime_ns == before
+    with pytest.raises(CNPError, match="refit_steps"):
+        PruneConfig(refit_steps=0)

@@ -78,8 +78,17 @@ class Method:
     penalty : bool
         The fine-tunes add :class:`cnp.pruning.penalty.ConceptPenalty` on the ablated subspaces.
     recompute : bool
-        DRSA is refitted after every intermediate fine-tune, warm-started from the previous U,
-        and the ablated subspaces re-identified (the paper's Appendix C suggestion).
+        DRSA is refitted after every intermediate fine-tune and the ablated subspaces
+        re-identified (the paper's Appendix C suggestion).
+    refit : str
+        How those refits start: ``warm`` (from the previous U, ``recompute_steps`` steps, the
+        ablated set re-identified as ``PruneConfig.reidentify`` says) or ``fresh`` (random starts,
+        ``refit_steps`` steps, re-identified by latent analysis: the subspaces with the highest
+        watermark AP of concept relevance on the DRSA images, as many as were ablated).
+    posthoc : bool
+        After the final fine-tune, DRSA is fitted afresh on the pruned network, the watermark
+        subspace re-identified by latent analysis, and its ablation kept in the deployed network
+        (no training after it).
     paper : bool
         The method as the paper describes it.
     summary : str
@@ -92,6 +101,8 @@ class Method:
     keep: bool = False
     penalty: bool = False
     recompute: bool = False
+    refit: str = "warm"
+    posthoc: bool = False
     paper: bool = False
     summary: str = ""
 
@@ -111,8 +122,18 @@ METHOD_SPECS: dict[str, Method] = {m.name: m for m in (
            summary="beyond the paper: CNP whose fine-tunes penalise the logit margin's gradient in the "
                    "ablated subspaces (rr_lambda)"),
     Method("cnp-recompute", "lrp", concept=True, recompute=True,
-           summary="beyond the paper: CNP with DRSA refitted after every intermediate fine-tune "
-                   "(the paper's future work)"),
+           summary="beyond the paper: CNP with DRSA refitted after every intermediate fine-tune, warm-started "
+                   "from the previous U (the paper's future work)"),
+    Method("cnp-refit", "lrp", concept=True, recompute=True, refit="fresh",
+           summary="beyond the paper: CNP with DRSA fitted afresh after every intermediate fine-tune and K' "
+                   "re-identified by latent analysis"),
+    Method("cnp-keep-refit", "lrp", concept=True, keep=True, recompute=True, refit="fresh",
+           summary="beyond the paper: cnp-keep whose kept ablation follows a fresh DRSA fit after every fine-tune"),
+    Method("cnp-rr-refit", "lrp", concept=True, penalty=True, recompute=True, refit="fresh",
+           summary="beyond the paper: cnp-rr whose penalty follows a fresh DRSA fit after every fine-tune"),
+    Method("cnp-posthoc", "lrp", concept=True, posthoc=True,
+           summary="beyond the paper: CNP, then DRSA fitted afresh on the pruned network and the re-identified "
+                   "watermark subspace ablated in the deployed network (no training after it)"),
 )}
 METHODS = tuple(METHOD_SPECS)
 #: what the pruning rate is a fraction of (see PruneConfig.rate_of)
@@ -162,7 +183,9 @@ class PruneConfig:
     recompute_drsa : bool
         Beyond the paper: recompute DRSA after each fine-tune, warm-started from the previous U.
     recompute_steps : int
-        DRSA steps of each recomputation.
+        DRSA steps of each warm-started recomputation.
+    refit_steps : int
+        DRSA steps of each fresh fit (``refit="fresh"`` methods and ``cnp-posthoc``; one start).
     drsa_precision : str
         The recomputations' DRSA arithmetic (:func:`cnp.drsa.fit`'s ``precision``).
     reidentify : str
@@ -207,6 +230,7 @@ class PruneConfig:
     finetune_with_virtual_layer: bool = False
     recompute_drsa: bool = False
     recompute_steps: int = 100
+    refit_steps: int = 300
     drsa_precision: str = "auto"
     reidentify: str = "overlap"
     rr_lambda: float = 1.0
@@ -248,6 +272,10 @@ class PruneConfig:
             raise CNPError(f"drsa_precision must be one of {PRECISIONS}, got {self.drsa_precision!r}")
         if self.memory_format not in MEMORY_FORMATS:
             raise CNPError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
+        for name in ("recompute_steps", "refit_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise CNPError(f"{name} must be a positive integer, got {v!r}")
         if self.reidentify not in ("overlap", "ap"):
             raise CNPError(f"reidentify must be 'overlap' or 'ap', got {self.reidentify!r}")
         if self.epochs_per_step == 0:
@@ -391,21 +419,36 @@ def reidentify_by_overlap(old_U: torch.Tensor, new_U: torch.Tensor, old_ablated,
     return sorted(sorted(range(K), key=lambda j: -ov[j])[: len(old_ablated)])
 
 
+def _reidentify_by_ap(model: torch.nn.Module, vl: VirtualLayer, data: PairData, cfg: PruneConfig, n: int,
+                      device) -> list[int]:
+    """The ``n`` subspaces of ``vl`` with the highest watermark AP of concept relevance R(k) on
+    the DRSA images (latent analysis, section 4.3), sorted."""
+    from cnp.concepts import concept_relevance, latent_analysis
+
+    vl.set_ablation((), vl.mode)
+    scores = concept_relevance(model, vl, data["drsa"], lrp_config=cfg.lrp, device=device)
+    ap = latent_analysis(scores, data["drsa"].wm)
+    return sorted(sorted(range(vl.K), key=lambda k: -ap[k])[:n])
+
+
 def _recompute_concepts(model: torch.nn.Module, vl: VirtualLayer, data: PairData, cfg: PruneConfig, seed: int,
-                        step: int, device, verbose: bool) -> dict:
-    """Refit DRSA warm-started from the current U and re-identify the ablated subspaces.
+                        step: int, device, verbose: bool, fresh: bool = False) -> dict:
+    """Refit DRSA and re-identify the ablated subspaces: warm-started from the current U
+    (``recompute_steps``; re-identified as ``cfg.reidentify`` says) or, ``fresh``, from a random
+    start (``refit_steps``; re-identified by latent analysis).
 
     When the refit fails (every start diverged: after a step that leaves no positive relevance at
     the layer on the DRSA images, the warm start's objective is 0 and its gradient not finite),
     the previous U and ablated set are kept and the entry says so (``kept_previous``)."""
-    from cnp.concepts import concept_relevance, fit_concepts, latent_analysis
+    from cnp.concepts import fit_concepts
 
     old_U, old_ablated = vl.U.detach().clone(), list(vl.ablated)
     vl.enabled = False
     try:
-        fit = fit_concepts(model, data["drsa"], K=vl.K, layer=vl.layer_name, steps=cfg.recompute_steps,
-                           restarts=1, seed=seed + step, init=old_U.cpu(), lrp_config=cfg.lrp, device=device,
-                           verbose=False, precision=cfg.drsa_precision)
+        fit = fit_concepts(model, data["drsa"], K=vl.K, layer=vl.layer_name,
+                           steps=cfg.refit_steps if fresh else cfg.recompute_steps,
+                           restarts=1, seed=seed + step, init=None if fresh else old_U.cpu(), lrp_config=cfg.lrp,
+                           device=device, verbose=False, precision=cfg.drsa_precision)
     except CNPError as exc:
         if "diverged" not in str(exc):
             raise
@@ -415,18 +458,14 @@ def _recompute_concepts(model: torch.nn.Module, vl: VirtualLayer, data: PairData
     finally:
         vl.enabled = True
     vl.U = fit.U.to(vl.U.device)
-    if cfg.reidentify == "ap":
-        vl.set_ablation((), vl.mode)
-        scores = concept_relevance(model, vl, data["drsa"], lrp_config=cfg.lrp, device=device)
-        ap = latent_analysis(scores, data["drsa"].wm)
-        order = sorted(range(vl.K), key=lambda k: -ap[k])
-        new_ablated = order[: len(old_ablated)]
+    if fresh or cfg.reidentify == "ap":
+        new_ablated = _reidentify_by_ap(model, vl, data, cfg, len(old_ablated), device)
     else:
         new_ablated = reidentify_by_overlap(old_U, vl.U.to(old_U), old_ablated, vl.K)
     if vl.mode == "mean":
         vl.fit_mean(model, data["drsa"].images)
     vl.set_ablation(new_ablated, vl.mode)
-    return {"J": fit.J, "ablated": sorted(new_ablated), "kept_previous": False,
+    return {"J": fit.J, "ablated": sorted(new_ablated), "kept_previous": False, "fresh": bool(fresh),
             "overlap": float(sum((old_U[:, k * vl.d_k:(k + 1) * vl.d_k].double().T
                                   @ vl.U[:, j * vl.d_k:(j + 1) * vl.d_k].to(old_U).double()).pow(2).sum()
                                  for k in old_ablated for j in new_ablated) / (len(old_ablated) * vl.d_k))}
@@ -492,17 +531,25 @@ def run_pruning(
         raise CNPError(f"a target of {cfg.target:.0%} of {'all' if cfg.rate_of == 'all' else 'the prunable'} "
                        f"{n_basis} filters cannot be reached: only {n_prunable} filters are prunable "
                        f"(one is kept per layer); lower target or use rate_of='prunable'")
-    recipe = cfg.recipe()
-    if not spec.penalty:
-        recipe.pop("rr_lambda")  # only the penalised fine-tunes depend on it
-    key = recipe_hash({
-        "method": method, "cfg": recipe, "seed": seed, "bf16": _bf16(cfg, device),
-        "model": tensor_hash(*[v for _, v in sorted(model.state_dict().items())]),
-        "data": {k: s.fingerprint() for k, s in data.splits.items()},
-        "concept": None if concept_state is None else {
-            "U": tensor_hash(concept_state["U"]), "K": concept_state["K"], "ablated": list(concept_state["ablated"]),
-            "mode": concept_state["mode"], "layer": concept_state["layer"]},
-    })
+    fresh = spec.refit == "fresh"
+    model_hash = tensor_hash(*[v for _, v in sorted(model.state_dict().items())])
+
+    def key_of(m: str) -> str:
+        recipe, ms = cfg.recipe(), METHOD_SPECS[m]
+        if not ms.penalty:
+            recipe.pop("rr_lambda")  # only the penalised fine-tunes depend on it
+        if ms.refit != "fresh" and not ms.posthoc:
+            recipe.pop("refit_steps")  # only fresh fits depend on it
+        return recipe_hash({
+            "method": m, "cfg": recipe, "seed": seed, "bf16": _bf16(cfg, device), "model": model_hash,
+            "data": {k: s.fingerprint() for k, s in data.splits.items()},
+            "concept": None if concept_state is None else {
+                "U": tensor_hash(concept_state["U"]), "K": concept_state["K"],
+                "ablated": list(concept_state["ablated"]), "mode": concept_state["mode"],
+                "layer": concept_state["layer"]},
+        })
+
+    key = key_of(method)
     ckpt = Path(run_dir) / f"prune_{method}.pt" if run_dir is not None else None
     curve: list[dict] = []
     timings: dict[str, float] = {}
@@ -511,6 +558,17 @@ def run_pruning(
     if spec.concept:
         vl = from_state(model, concept_state)
     resumed = _try_resume(ckpt, key, verbose)
+    base = None
+    if spec.posthoc and (resumed is None or not resumed["done"]) and ckpt is not None and not recompute:
+        # cnp-posthoc = cnp's schedule + a last step: a finished cnp schedule of the same inputs
+        # in this run directory is that schedule, bit for bit
+        base = _try_resume(ckpt.with_name("prune_cnp.pt"), key_of("cnp"), False)
+        if base is not None and base["done"]:
+            resumed = {**base, "done": False, "step": cfg.n_steps + 1, "vl": concept_state, "reused": True}
+            if verbose:
+                print("[cnp] cnp-posthoc: reusing the finished cnp schedule of this run directory")
+        else:
+            base = None
     if resumed is not None:
         remove_virtual_layer(model)
         if isinstance(struct, VGGStructure):
@@ -521,14 +579,18 @@ def run_pruning(
         set_memory_format(model.eval(), cfg.memory_format)
         struct = prunable_structure(model, image_size)
         vl = None
-        if resumed.get("vl") is not None:
+        after_final = not resumed["done"] and resumed["step"] > cfg.n_steps  # cnp-posthoc's last step is left
+        if resumed.get("vl") is not None and not after_final:
             vl = from_state(model, resumed["vl"])
         if resumed.get("kept") is not None:
             kept_from_state(model, resumed["kept"])
-        curve, timings = resumed["curve"], resumed["timings"]
+        curve, timings = [dict(e) for e in resumed["curve"]], dict(resumed["timings"])
         if resumed["done"]:
             return PruneResult(model, curve, timings, method)
         start_step = resumed["step"] + 1
+        if after_final:
+            return _posthoc(model, data, cfg, method, resumed["vl"], curve, timings, seed, device, image_size, struct,
+                            ckpt, key, verbose)
 
     def tick(stage, t0):
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
@@ -570,7 +632,7 @@ def run_pruning(
         extra = {}
         if vl is not None and recompute:
             t0 = time.perf_counter()
-            extra["drsa_recomputed"] = _recompute_concepts(model, vl, data, cfg, seed, s, device, verbose)
+            extra["drsa_recomputed"] = _recompute_concepts(model, vl, data, cfg, seed, s, device, verbose, fresh=fresh)
             tick("drsa-recompute", t0)
         t0 = time.perf_counter()
         entry = {"step": s, "pruned": removed_total / n_basis, "pruned_of_all": removed_total / n_all,
@@ -587,6 +649,7 @@ def run_pruning(
     # as its low-rank equivalent), final recovery fine-tune
     penalty = _penalty(vl, cfg) if spec.penalty and vl is not None else None
     kept = None
+    final_state = vl.state() if vl is not None else None
     if spec.keep and vl is not None:
         kept = keep_ablation(model)
     remove_virtual_layer(model)
@@ -600,7 +663,33 @@ def run_pruning(
                   "pruned_of_prunable": curve[-1].get("pruned_of_prunable"), "stage": "final",
                   **_evaluate(model, data, cfg, device, image_size, filters=sum(struct.widths))})
     tick("evaluate", t0)
+    if spec.posthoc:
+        _save(ckpt, key, model, None, curve, timings, cfg.n_steps + 1, done=False, arch=struct.arch, vl_state=final_state)
+        return _posthoc(model, data, cfg, method, final_state, curve, timings, seed, device, image_size, struct, ckpt,
+                        key, verbose)
     _save(ckpt, key, model, None, curve, timings, cfg.n_steps + 1, done=True, kept=kept, arch=struct.arch)
+    return PruneResult(model, curve, timings, method)
+
+
+def _posthoc(model, data: PairData, cfg: PruneConfig, method: str, vl_state: dict, curve: list, timings: dict,
+             seed: int, device, image_size: int, struct, ckpt, key: str, verbose: bool) -> PruneResult:
+    """``cnp-posthoc``'s last step on the finished, fine-tuned network: DRSA fitted afresh at the
+    concept layer, the watermark subspace(s) re-identified by latent analysis (as many as were
+    ablated), their ablation kept in the deployed network; a second ``final`` entry (the network
+    as deployed) follows the recovered one."""
+    t0 = time.perf_counter()
+    vl = from_state(model, vl_state)
+    info = _recompute_concepts(model, vl, data, cfg, seed, cfg.n_steps + 1, device, verbose, fresh=True)
+    kept = keep_ablation(model)
+    timings["drsa-recompute"] = timings.get("drsa-recompute", 0.0) + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    curve.append({"step": cfg.n_steps + 2, "pruned": curve[-1]["pruned"],
+                  "pruned_of_all": curve[-1].get("pruned_of_all"),
+                  "pruned_of_prunable": curve[-1].get("pruned_of_prunable"), "stage": "final",
+                  **_evaluate(model, data, cfg, device, image_size, filters=sum(struct.widths)),
+                  "drsa_recomputed": info})
+    timings["evaluate"] = timings.get("evaluate", 0.0) + time.perf_counter() - t0
+    _save(ckpt, key, model, None, curve, timings, cfg.n_steps + 2, done=True, kept=kept, arch=struct.arch)
     return PruneResult(model, curve, timings, method)
 
 
@@ -635,13 +724,13 @@ def _check_site_protected(struct, layer: str, protect: set[int]) -> None:
 
 
 def _save(path: Path | None, key: str, model: torch.nn.Module, vl: VirtualLayer | None, curve, timings, step: int,
-          done: bool, kept=None, arch=None) -> None:
+          done: bool, kept=None, arch=None, vl_state: dict | None = None) -> None:
     if path is None:
         return
     blob = {
         "key": key, "step": step, "done": done, "arch": arch if arch is not None else model.arch,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "vl": vl.state() if vl is not None else None, "curve": curve, "timings": timings,
+        "vl": vl.state() if vl is not None else vl_state, "curve": curve, "timings": timings,
     }
     if kept is not None:
         blob["kept"] = kept.state()
