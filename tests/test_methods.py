@@ -254,10 +254,21 @@ def test_cnp_recompute_records_each_refit(tiny_vgg, tiny_pair, random_U, monkeyp
     def diverge(*a, **k):
         raise CNPError("every DRSA restart diverged to a non-finite objective.")
 
-    monkeypatch.setattr(cnp.concepts, "fit_concepts", diverge)
-    res = run_pruning(tiny_vgg, tiny_pair, "cnp-recompute", cfg, concept_state=st, seed=0, verbose=False)
-    assert all(e["drsa_recomputed"]["kept_previous"] and e["drsa_recomputed"]["ablated"] == [0]
-               for e in res.curve if "drsa_recomputed" in e)
+    def no_relevance(*a, **k):
+        raise CNPError("C is all zeros, so it cannot be normalised; check the layer and the relevance ...")
+
+    for fail, reason, method in ((diverge, "diverged", "cnp-recompute"), (no_relevance, "no relevance", "cnp-refit")):
+        monkeypatch.setattr(cnp.concepts, "fit_concepts", fail)
+        res = run_pruning(tiny_vgg, tiny_pair, method, cfg, concept_state=st, seed=0, verbose=False)
+        refits = [e["drsa_recomputed"] for e in res.curve if "drsa_recomputed" in e]
+        assert refits and all(r["kept_previous"] and r["ablated"] == [0] and r["reason"] == reason for r in refits)
+
+    def other(*a, **k):
+        raise CNPError("something else")
+
+    monkeypatch.setattr(cnp.concepts, "fit_concepts", other)
+    with pytest.raises(CNPError, match="something else"):
+        run_pruning(tiny_vgg, tiny_pair, "cnp-refit", cfg, concept_state=st, seed=0, verbose=False)
 
 
 # ------------------------------------------------------------------- fresh refits, post-hoc

@@ -437,9 +437,10 @@ def _recompute_concepts(model: torch.nn.Module, vl: VirtualLayer, data: PairData
     (``recompute_steps``; re-identified as ``cfg.reidentify`` says) or, ``fresh``, from a random
     start (``refit_steps``; re-identified by latent analysis).
 
-    When the refit fails (every start diverged: after a step that leaves no positive relevance at
-    the layer on the DRSA images, the warm start's objective is 0 and its gradient not finite),
-    the previous U and ablated set are kept and the entry says so (``kept_previous``)."""
+    When the refit fails - a step left no relevance at the layer on the DRSA images (the contexts
+    C are all zeros), or every start diverged (no positive relevance: the warm start's objective
+    is 0 and its gradient not finite) - the previous U and ablated set are kept and the entry says
+    so (``kept_previous``, ``reason``)."""
     from cnp.concepts import fit_concepts
 
     old_U, old_ablated = vl.U.detach().clone(), list(vl.ablated)
@@ -450,11 +451,13 @@ def _recompute_concepts(model: torch.nn.Module, vl: VirtualLayer, data: PairData
                            restarts=1, seed=seed + step, init=None if fresh else old_U.cpu(), lrp_config=cfg.lrp,
                            device=device, verbose=False, precision=cfg.drsa_precision)
     except CNPError as exc:
-        if "diverged" not in str(exc):
+        # no relevance left at the layer on the DRSA images (C all zeros), or every start diverged
+        reason = "diverged" if "diverged" in str(exc) else "no relevance" if "all zeros" in str(exc) else None
+        if reason is None:
             raise
         if verbose:
-            print(f"[cnp] step {step}: DRSA recomputation diverged; keeping the previous subspaces")
-        return {"J": float("nan"), "ablated": sorted(old_ablated), "kept_previous": True}
+            print(f"[cnp] step {step}: DRSA recomputation failed ({reason}); keeping the previous subspaces")
+        return {"J": float("nan"), "ablated": sorted(old_ablated), "kept_previous": True, "reason": reason}
     finally:
         vl.enabled = True
     vl.U = fit.U.to(vl.U.device)
