@@ -61,6 +61,7 @@ METHOD_STYLE = {
     "cnp-keep-refit": {"color": "#17becf", "label": "CNP, kept ablation following fresh fits (beyond the paper)"},
     "cnp-rr-refit": {"color": "#bcbd22", "label": "CNP, penalty following fresh fits (beyond the paper)"},
     "cnp-posthoc": {"color": "#000000", "label": "CNP, then a fresh fit's ablation kept (beyond the paper)"},
+    "vanilla-posthoc": {"color": "#ff9896", "label": "vanilla, then a fresh fit's ablation kept (beyond the paper)"},
 }
 #: Paper numbering of the canonical pairs: pair -> (subspace figure, accuracy figure).
 PAPER_FIGURES = {"carton-dugong": ("fig2_subspaces", "fig3_accuracy"),

@@ -377,7 +377,7 @@ PARAM_HELP: dict[str, str] = {
     "ablation_mode": "zero (the paper) or mean (the paper's footnote 3)",
     # pruning
     "methods": "pruning methods, comma-separated: cnp, vanilla, l1, random, cnp-keep, cnp-rr, cnp-recompute, "
-               "cnp-refit, cnp-keep-refit, cnp-rr-refit, cnp-posthoc",
+               "cnp-refit, cnp-keep-refit, cnp-rr-refit, cnp-posthoc, vanilla-posthoc",
     "step": "share of the filters removed per pruning step",
     "target": "final pruning rate",
     "rate_of": "what step and target count: all filters (the paper) or the prunable ones",

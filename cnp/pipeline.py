@@ -644,7 +644,7 @@ def run_prune(run: Run, verbose: bool = True) -> dict:
         if method in curves:
             continue
         state = None
-        if METHOD_SPECS[method].concept:
+        if METHOD_SPECS[method].needs_concepts:
             _model, vl = augmented_model(run, abl["ablated"], p.concepts.ablation_mode)
             state = vl.state()
         t0 = time.perf_counter()

@@ -35,6 +35,9 @@ def test_registry_names_and_flags():
     assert METHOD_SPECS["cnp-keep"].keep and not METHOD_SPECS["cnp"].keep
     assert METHOD_SPECS["cnp-rr"].penalty and METHOD_SPECS["cnp-recompute"].recompute
     assert all(METHOD_SPECS[m].concept for m in METHODS if m.startswith("cnp"))
+    assert METHOD_SPECS["vanilla-posthoc"].needs_concepts and not METHOD_SPECS["vanilla-posthoc"].concept
+    with pytest.raises(CNPError, match="concept_state"):
+        run_pruning(nn.Sequential(), None, "vanilla-posthoc", CFG)
     assert all(METHOD_SPECS[m].summary for m in METHODS)
 
 
@@ -201,17 +204,24 @@ def test_cnp_rr_at_lambda_zero_is_cnp(tiny_vgg, tiny_pair, random_U):
     assert rr.curve[1:] != plain.curve[1:]  # the penalty changes the fine-tunes
 
 
-def test_rr_lambda_is_keyed_only_for_the_penalised_method(tiny_vgg, tiny_pair, random_U, tmp_path):
+@pytest.mark.parametrize("change", [{"rr_lambda": 3.0}, {"refit_steps": 11}])
+def test_method_specific_values_are_keyed_only_for_their_methods(tiny_vgg, tiny_pair, random_U, tmp_path, change):
+    """rr_lambda (the penalised fine-tunes) and refit_steps (the fresh fits) do not key cnp."""
     import dataclasses
 
     st = _state(random_U(D, seed=4))
     run_pruning(tiny_vgg, tiny_pair, "cnp", CFG, concept_state=st, seed=0, run_dir=tmp_path, verbose=False)
     before = (tmp_path / "prune_cnp.pt").stat().st_mtime_ns
-    run_pruning(tiny_vgg, tiny_pair, "cnp", dataclasses.replace(CFG, rr_lambda=3.0), concept_state=st, seed=0,
+    run_pruning(tiny_vgg, tiny_pair, "cnp", dataclasses.replace(CFG, **change), concept_state=st, seed=0,
                 run_dir=tmp_path, verbose=False)
     assert (tmp_path / "prune_cnp.pt").stat().st_mtime_ns == before  # reused: cnp does not depend on it
+
+
+def test_bad_method_values_are_refused():
     with pytest.raises(CNPError, match="rr_lambda"):
         PruneConfig(rr_lambda=-0.5)
+    with pytest.raises(CNPError, match="refit_steps"):
+        PruneConfig(refit_steps=0)
 
 
 # ------------------------------------------------------------------------------ recompute
@@ -349,15 +359,18 @@ def test_rr_refit_penalises_the_refitted_subspace(tiny_vgg, tiny_pair, random_U,
     assert later and all(torch.allclose(W, U_new[:, 3 * d_k:]) for W in later)  # then the refit's
 
 
-def test_posthoc_is_cnp_plus_a_kept_ablation_of_a_fresh_fit(tiny_vgg, tiny_pair, random_U, monkeypatch, tmp_path):
+@pytest.mark.parametrize("method, base", [("cnp-posthoc", "cnp"), ("vanilla-posthoc", "vanilla")])
+def test_posthoc_is_its_base_plus_a_kept_ablation_of_a_fresh_fit(tiny_vgg, tiny_pair, random_U, monkeypatch, tmp_path,
+                                                                 method, base):
     import dataclasses
 
     import cnp.pruning.schedule as schedule
 
     cfg = dataclasses.replace(CFG, refit_steps=4)
     st = _state(random_U(D, seed=4))
-    alone = run_pruning(tiny_vgg, tiny_pair, "cnp-posthoc", cfg, concept_state=st, seed=0, verbose=False)
-    cnp_res = run_pruning(tiny_vgg, tiny_pair, "cnp", cfg, concept_state=st, seed=0, run_dir=tmp_path, verbose=False)
+    alone = run_pruning(tiny_vgg, tiny_pair, method, cfg, concept_state=st, seed=0, verbose=False)
+    cnp_res = run_pruning(tiny_vgg, tiny_pair, base, cfg, concept_state=st if base == "cnp" else None, seed=0,
+                          run_dir=tmp_path, verbose=False)
     # the schedule is cnp's, bit for bit; one more final entry: the network as deployed
     assert alone.curve[:-1] == cnp_res.curve
     last = alone.curve[-1]
@@ -367,11 +380,11 @@ def test_posthoc_is_cnp_plus_a_kept_ablation_of_a_fresh_fit(tiny_vgg, tiny_pair,
     assert get_kept_ablation(alone.model) is not None and get_kept_ablation(cnp_res.model) is None
     # in cnp's run directory it reuses cnp's finished schedule (no fine-tune runs) with the same result
     monkeypatch.setattr(schedule, "_finetune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fine-tuned")))
-    reused = run_pruning(tiny_vgg, tiny_pair, "cnp-posthoc", cfg, concept_state=st, seed=0, run_dir=tmp_path,
+    reused = run_pruning(tiny_vgg, tiny_pair, method, cfg, concept_state=st, seed=0, run_dir=tmp_path,
                          verbose=False)
     assert reused.curve == alone.curve
     # resumed from the checkpoint it wrote: the same again
-    again = run_pruning(tiny_vgg, tiny_pair, "cnp-posthoc", cfg, concept_state=st, seed=0, run_dir=tmp_path,
+    again = run_pruning(tiny_vgg, tiny_pair, method, cfg, concept_state=st, seed=0, run_dir=tmp_path,
                         verbose=False)
     assert again.curve == alone.curve and get_kept_ablation(again.model) is not None
 
@@ -397,16 +410,3 @@ def test_posthoc_resumes_after_the_final_fine_tune(tiny_vgg, tiny_pair, random_U
     resumed = run_pruning(tiny_vgg, tiny_pair, "cnp-posthoc", cfg, concept_state=st, seed=0, run_dir=tmp_path,
                           verbose=False)
     assert resumed.curve == whole.curve
-
-
-def test_refit_steps_only_key_the_fresh_fits(tiny_vgg, tiny_pair, random_U, tmp_path):
-    import dataclasses
-
-    st = _state(random_U(D, seed=4))
-    run_pruning(tiny_vgg, tiny_pair, "cnp", CFG, concept_state=st, seed=0, run_dir=tmp_path, verbose=False)
-    before = (tmp_path / "prune_cnp.pt").stat().st_mtime_ns
-    run_pruning(tiny_vgg, tiny_pair, "cnp", dataclasses.replace(CFG, refit_steps=11), concept_state=st, seed=0,
-                run_dir=tmp_path, verbose=False)
-    assert (tmp_path / "prune_cnp.pt").stat().st_mtime_ns == before
-    with pytest.raises(CNPError, match="refit_steps"):
-        PruneConfig(refit_steps=0)

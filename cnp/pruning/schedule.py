@@ -106,6 +106,11 @@ class Method:
     paper: bool = False
     summary: str = ""
 
+    @property
+    def needs_concepts(self) -> bool:
+        """Whether ``run_pruning`` needs ``concept_state`` (to rank through it, or for the last step)."""
+        return self.concept or self.posthoc
+
 
 #: every pruning method ``run_pruning`` (and ``methods=`` in notebooks and sweeps) accepts
 METHOD_SPECS: dict[str, Method] = {m.name: m for m in (
@@ -134,6 +139,9 @@ METHOD_SPECS: dict[str, Method] = {m.name: m for m in (
     Method("cnp-posthoc", "lrp", concept=True, posthoc=True,
            summary="beyond the paper: CNP, then DRSA fitted afresh on the pruned network and the re-identified "
                    "watermark subspace ablated in the deployed network (no training after it)"),
+    Method("vanilla-posthoc", "lrp", posthoc=True,
+           summary="beyond the paper: vanilla LRP pruning, then the last step of cnp-posthoc (a fresh DRSA fit's "
+                   "watermark subspace ablated in the deployed network)"),
 )}
 METHODS = tuple(METHOD_SPECS)
 #: what the pruning rate is a fraction of (see PruneConfig.rate_of)
@@ -498,9 +506,10 @@ def run_pruning(
         ``train`` (fine-tuning), ``rank`` (ranking), ``drsa`` (recomputation), ``val``/``test``.
     method : str
         One of :data:`METHODS` (see :data:`METHOD_SPECS`): ``cnp``, ``vanilla``, ``l1``,
-        ``random``, or a variant beyond the paper (``cnp-keep``, ``cnp-rr``, ``cnp-recompute``).
+        ``random``, or a variant beyond the paper (``cnp-keep``, ``cnp-rr``, ``cnp-recompute``,
+        ``cnp-refit``, ``cnp-keep-refit``, ``cnp-rr-refit``, ``cnp-posthoc``, ``vanilla-posthoc``).
     concept_state : dict
-        For the concept methods (``cnp`` and its variants): the virtual layer
+        For the concept methods (``cnp``, its variants and ``vanilla-posthoc``): the virtual layer
         (``VirtualLayer.state()``: U, K, ablated, mode, mean, layer).
     run_dir : path, optional
         Where ``prune_<method>.pt`` checkpoints go; a run with the same inputs resumes there.
@@ -509,7 +518,7 @@ def run_pruning(
     if method not in METHODS:
         raise CNPError(f"unknown pruning method {method!r}; use one of {METHODS}")
     spec = METHOD_SPECS[method]
-    if spec.concept and concept_state is None:
+    if spec.needs_concepts and concept_state is None:
         raise CNPError(f"method {method!r} needs concept_state (the virtual layer: U, K, ablated set)")
     if spec.concept and not concept_state.get("ablated"):
         if spec.keep or spec.penalty:
@@ -524,7 +533,7 @@ def run_pruning(
     protect = _protected(struct, cfg.protect)
     for name in cfg.freeze:
         get_layer(model, name)
-    if spec.concept:
+    if spec.needs_concepts:
         _check_site_protected(struct, concept_state["layer"], protect)
     widths = struct.widths
     n_prunable = sum(w for i, w in enumerate(widths) if i not in protect)
@@ -546,7 +555,7 @@ def run_pruning(
         return recipe_hash({
             "method": m, "cfg": recipe, "seed": seed, "bf16": _bf16(cfg, device), "model": model_hash,
             "data": {k: s.fingerprint() for k, s in data.splits.items()},
-            "concept": None if concept_state is None else {
+            "concept": None if concept_state is None or not ms.needs_concepts else {
                 "U": tensor_hash(concept_state["U"]), "K": concept_state["K"],
                 "ablated": list(concept_state["ablated"]), "mode": concept_state["mode"],
                 "layer": concept_state["layer"]},
@@ -563,13 +572,14 @@ def run_pruning(
     resumed = _try_resume(ckpt, key, verbose)
     base = None
     if spec.posthoc and (resumed is None or not resumed["done"]) and ckpt is not None and not recompute:
-        # cnp-posthoc = cnp's schedule + a last step: a finished cnp schedule of the same inputs
-        # in this run directory is that schedule, bit for bit
-        base = _try_resume(ckpt.with_name("prune_cnp.pt"), key_of("cnp"), False)
+        # cnp-posthoc = cnp's schedule + a last step (vanilla-posthoc: vanilla's): a finished
+        # schedule of the same inputs in this run directory is that schedule, bit for bit
+        base_method = "cnp" if spec.concept else "vanilla"
+        base = _try_resume(ckpt.with_name(f"prune_{base_method}.pt"), key_of(base_method), False)
         if base is not None and base["done"]:
             resumed = {**base, "done": False, "step": cfg.n_steps + 1, "vl": concept_state, "reused": True}
             if verbose:
-                print("[cnp] cnp-posthoc: reusing the finished cnp schedule of this run directory")
+                print(f"[cnp] {method}: reusing the finished {base_method} schedule of this run directory")
         else:
             base = None
     if resumed is not None:
@@ -652,7 +662,7 @@ def run_pruning(
     # as its low-rank equivalent), final recovery fine-tune
     penalty = _penalty(vl, cfg) if spec.penalty and vl is not None else None
     kept = None
-    final_state = vl.state() if vl is not None else None
+    final_state = vl.state() if vl is not None else concept_state
     if spec.keep and vl is not None:
         kept = keep_ablation(model)
     remove_virtual_layer(model)
