@@ -20,6 +20,9 @@ one-sided p-value of a paired t-test and the number of seeds that favour CNP
 6. **Held-out watermark styles and the mean ablation**: claim 3's tests for every run group whose
    label names a watermark style or ablation mode (e.g. a ``styles`` sweep).
 
+Claims 3, 5 and 6 are ``n/a`` (not judged) for a run group in which no seed has both a CNP and
+a vanilla curve, e.g. a sweep run with other ``methods=``.
+
 A **no-shortcut control** (runs whose training set has the watermark in both classes at the same
 rate, ``wm_rate_pos == wm_rate_neg``; ``python -m cnp.sweep --preset control``) is not a claim:
 it is the reference claims 3 and 4 need - the c0w1 accuracy and the share of relevance on
@@ -138,7 +141,8 @@ def ood_test(runs: Sequence[RunRecord], a: str = "cnp", b: str = "vanilla") -> d
     c_a, c_b = _paired(runs, lambda e: e["acc"]["c0w1"], a, b)
     o_a, o_b = _paired(runs, lambda e: e["acc"]["overall"], a, b)
     c, o = paired(c_a, c_b), paired(o_a, o_b)
-    holds = bool(c.n and c.mean >= OOD_MARGIN and c.ci_low > 0 and o.mean >= OVERALL_MARGIN)
+    # no seed with both methods (e.g. a sweep without CNP runs): not judged
+    holds = (c.mean >= OOD_MARGIN and c.ci_low > 0 and o.mean >= OVERALL_MARGIN) if c.n else None
     return {"c0w1": c, "overall": o, "holds": holds, "c0w1_a": _ms(c_a), "c0w1_b": _ms(c_b),
             "overall_a": _ms(o_a), "overall_b": _ms(o_b)}
 
@@ -232,7 +236,7 @@ def claim_hard(runs: Sequence[RunRecord]) -> dict:
         "what": f"hard pair: c0w1 at the target rate, CNP vs vanilla (unpruned c0w1 {_fmt(*unpruned)}; "
                 f"vanilla overall {vm:.3f}, {'>=' if usable else 'below'} {HARD_VANILLA_OVERALL})",
         "target": "paper: no OOD gain (claim 3's c0w1 test fails)",
-        "holds": bool(t["c0w1"].n and not (t["c0w1"].mean >= OOD_MARGIN and t["c0w1"].ci_low > 0)),
+        "holds": (not (t["c0w1"].mean >= OOD_MARGIN and t["c0w1"].ci_low > 0)) if t["c0w1"].n else None,
     })
     return row
 

@@ -396,6 +396,24 @@ def test_wm_area_fraction_counts_mask_pixels(tiny_pair):
 
 
 
+def test_claims_without_cnp_runs_are_not_judged(tmp_path):
+    """A run group without CNP curves (a sweep with methods=vanilla,...) gives claims 3, 5 and 6
+    as n/a, not as a failed claim; with both methods present the verdict is a yes or a no."""
+    from cnp.claims import claims_table
+
+    def vanilla_only(label, seed):
+        r = _claim_run(tmp_path, label, seed, 0.8, 0.6)
+        del r.metrics["curves"]["cnp"]
+        return r
+    runs = [vanilla_only(label, s) for label in ("carton-dugong", "carton-dugong/wm_text-x", "crate-packet")
+            for s in range(3)]
+    rows = {r["claim"]: r for r in claims_table(runs)}
+    assert rows[3]["holds"] == rows[5]["holds"] == rows[6]["holds"] == "n/a"
+    assert rows[3]["measured"] == "n/a" and rows[1]["holds"] == "yes"
+    both = [_claim_run(tmp_path, "carton-dugong/wm_text-x", s, 0.8, 0.6) for s in range(3)]
+    assert {r["claim"]: r for r in claims_table(both)}[6]["holds"] == "yes"   # +0.20 on every seed
+
+
 def test_claim_ood_reports_the_last_step_before_the_final_fine_tune(tmp_path):
     """Claim 3's row also gives the paired c0w1 difference after the last pruning step, before
     the final recovery fine-tune (not judged); runs without a final stage add nothing."""
