@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from cnp.results import RunRecord, at_target, group_runs, load_runs
-from cnp.stats import clean, format_p, mean_ci, paired
+from cnp.stats import clean, mean_ci, p_text, paired
 
 EASY, HARD = "carton-dugong", "crate-packet"
 #: fixed targets of the claims (see the module doc)
@@ -332,7 +332,7 @@ def selection_table(variants: Mapping[str, Sequence[RunRecord] | str], pair: str
         st = paired(d)
         rows.append({"variant": name, "seeds": n,
                      "val c0w1, CNP - vanilla": f"{dm:+.3f} ± {ds:.3f}" if n > 1 else (f"{dm:+.3f}" if n else "n/a"),
-                     "95 % CI, p": (f"[{st.ci_low:+.3f}, {st.ci_high:+.3f}], p = {format_p(st.p)}" if n > 1 else "n/a"),
+                     "95 % CI, p": (f"[{st.ci_low:+.3f}, {st.ci_high:+.3f}], {p_text(st.p)}" if n > 1 else "n/a"),
                      "CNP ahead": f"{sum(x > 0 for x in d)}/{n}",
                      "val overall, CNP - vanilla": f"{om:+.3f}" if n else "n/a",
                      "val c0w1 CNP / vanilla": (f"{_ms(c_cnp)[0]:.3f} / {_ms(c_van)[0]:.3f}" if n else "n/a")})
@@ -384,7 +384,7 @@ def methods_table(runs: Sequence[RunRecord] | str, control: Sequence[RunRecord] 
                         "target": ""})
         else:
             row.update({"c0w1 - " + baseline: f"{c.mean:+.3f}",
-                        "CI, p": (f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}], p = {format_p(c.p)}" if c.n > 1 else "n/a"),
+                        "CI, p": (f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}], {p_text(c.p)}" if c.n > 1 else "n/a"),
                         "ahead": f"{c.favour}/{c.n}", "overall - " + baseline: f"{o.mean:+.3f}"})
             if math.isnan(ctl_c0w1):
                 row["target"] = "n/a (no control)"

@@ -43,7 +43,7 @@ class Paired:
         if self.n == 1:
             return f"{f.format(self.mean)} (1 seed)"
         return (f"{f.format(self.mean)} [95 % CI {f.format(self.ci_low)}, {f.format(self.ci_high)}], "
-                f"p = {format_p(self.p)}, {self.favour}/{self.n} seeds")
+                f"{p_text(self.p)}, {self.favour}/{self.n} seeds")
 
 
 def format_p(p: float) -> str:
@@ -51,6 +51,12 @@ def format_p(p: float) -> str:
     if math.isnan(p):
         return "n/a"
     return "< 0.001" if p < 0.001 else f"{p:.2g}"
+
+
+def p_text(p: float) -> str:
+    """``p = 0.023``, ``p < 0.001`` or ``p = n/a``: a p-value as it reads in a sentence or table."""
+    text = format_p(p)
+    return f"p {text}" if text.startswith("<") else f"p = {text}"
 
 
 def clean(values: Sequence[float | None]) -> list[float]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from cnp.stats import clean, format_p, mean_ci, paired
+from cnp.stats import clean, format_p, mean_ci, p_text, paired
 
 
 def test_paired_matches_scipy_ttest_rel():
@@ -58,5 +58,6 @@ def test_paired_edge_cases():
 def test_helpers():
     assert clean([1.0, None, float("nan"), 2]) == [1.0, 2.0]
     assert format_p(0.0004) == "< 0.001" and format_p(0.0234) == "0.023" and format_p(float("nan")) == "n/a"
+    assert p_text(0.0004) == "p < 0.001" and p_text(0.0234) == "p = 0.023" and p_text(float("nan")) == "p = n/a"
     m, lo, hi, n = mean_ci([1.0, 2.0, 3.0])
     assert (m, n) == (2.0, 3) and lo < 2.0 < hi
