@@ -199,7 +199,8 @@ def claim_heatmap(runs: Sequence[RunRecord], control: Sequence[RunRecord] | None
     cm, cs, n = _ms(s_cnp)
     vm, vs, _ = _ms(s_van)
     if not n:
-        return {**row, "measured": "n/a (no per-subgroup shares)", "holds": None, "seeds_holding": "0/0"}
+        why = "no per-subgroup shares" if _paired(runs, lambda e: 0.0)[0] else "no seed with both CNP and vanilla"
+        return {**row, "measured": f"n/a ({why})", "holds": None, "seeds_holding": "0/0"}
     measured = f"c0w1 share {_fmt(cm, cs, n)} vs {_fmt(vm, vs, n)}"
     if math.isnan(ctl):
         measured += "; no control runs, the excess is undefined"

@@ -410,6 +410,7 @@ def test_claims_without_cnp_runs_are_not_judged(tmp_path):
     rows = {r["claim"]: r for r in claims_table(runs)}
     assert rows[3]["holds"] == rows[5]["holds"] == rows[6]["holds"] == "n/a"
     assert rows[3]["measured"] == "n/a" and rows[1]["holds"] == "yes"
+    assert rows[4]["holds"] == "n/a" and rows[4]["measured"] == "n/a (no seed with both CNP and vanilla)"
     both = [_claim_run(tmp_path, "carton-dugong/wm_text-x", s, 0.8, 0.6) for s in range(3)]
     assert {r["claim"]: r for r in claims_table(both)}[6]["holds"] == "yes"   # +0.20 on every seed
 
