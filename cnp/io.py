@@ -14,7 +14,8 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -224,14 +225,52 @@ def load_or_build(path: str | os.PathLike, build: Callable[[], T], *, what: str,
     With ``use_cache=False`` the file is neither read nor written.
     """
     path = Path(path)
-    if use_cache:
-        obj = load_current(path, what=what, check=check, load=load, report=print if verbose else None)
+    if not use_cache:
+        return build()
+    report = print if verbose else None
+    obj = load_current(path, what=what, check=check, load=load, report=report)
+    if obj is not None:
+        return obj
+    # Another process (a second notebook, a sweep worker, a parallel test) may be building the
+    # same entry: wait for it, then use its file instead of building the object a second time.
+    with build_lock(path):
+        obj = load_current(path, what=what, check=check, load=load, report=None)
         if obj is not None:
             return obj
-    obj = build()
-    if use_cache:
+        obj = build()
         save(path, obj)
     return obj
+
+
+@contextmanager
+def build_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock on the hidden file ``.<name>.lock`` beside ``path``, for as long
+    as the block runs.
+
+    Processes that build the same cache entry take turns; the lock file itself is left in place
+    (deleting it would let a third process lock a new file while the second still holds the old
+    one). Where ``fcntl`` is missing (Windows) or the directory cannot hold the lock file, the
+    block runs unlocked: concurrent builders then each build, and the atomic writes keep the
+    file whole.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(path)
+    lock_path = path.with_name(f".{path.name}.lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def safe_join(root: str | os.PathLike, relpath: str) -> Path:

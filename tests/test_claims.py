@@ -57,8 +57,12 @@ from cnp.stats import paired
 
 @pytest.fixture
 def all_threads():
+    """The machine's cores for this test (``$CNP_CLAIMS_THREADS`` overrides), shared with the other
+    test workers when pytest-xdist runs several: more threads than cores make every worker slower."""
     prev = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(os.environ.get("CNP_CLAIMS_THREADS", os.cpu_count() or 1))))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    default = max(1, (os.cpu_count() or 1) // max(1, workers))
+    torch.set_num_threads(max(1, int(os.environ.get("CNP_CLAIMS_THREADS", default))))
     yield
     torch.set_num_threads(prev)
 

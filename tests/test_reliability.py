@@ -435,7 +435,7 @@ def test_pair_data_cache_stale_or_corrupt_is_rebuilt(tmp_path, monkeypatch, caps
     fresh = make_pair(cfg)
     fingerprints = {k: s.fingerprint() for k, s in fresh.splits.items()}
     load_pair(cfg)
-    (path,) = (tmp_path / "pairs").iterdir()
+    (path,) = (f for f in (tmp_path / "pairs").iterdir() if not f.name.startswith("."))  # not the build lock
     good = path.read_bytes()
 
     def tamper(p):  # valid file, one pixel changed, the recorded content hash kept
@@ -493,6 +493,39 @@ def test_backbone_cache_stale_or_corrupt_is_rebuilt(tmp_path, monkeypatch, capsy
         assert _weights_hash(load_backbone(cfg, verbose=False)[0]) == weights  # the rebuilt file is good
     load_backbone(cfg, verbose=True)
     assert "backbone" not in capsys.readouterr().out  # a good cache file is used silently
+
+
+_CONCURRENT_BUILDER = """
+import json, sys, time
+from pathlib import Path
+from cnp.io import atomic_write_json, load_or_build
+
+path, log = Path(sys.argv[1]), Path(sys.argv[2])
+
+def build():
+    with open(log, "a") as fh:
+        fh.write("built\\n")
+    time.sleep(1.0)  # long enough for the other process to arrive while this one builds
+    return {"value": 42}
+
+obj = load_or_build(path, build, what="test entry", save=atomic_write_json,
+                    load=lambda p: json.loads(p.read_text()), verbose=False)
+print(obj["value"])
+"""
+
+
+def test_concurrent_processes_build_a_cache_entry_once(tmp_path):
+    """Two processes that miss the same cache entry at the same time: one builds it, the other
+    waits on the entry's lock and reads the first one's file (the sweep's workers, parallel test
+    workers and two open notebooks share the cache this way)."""
+    entry, log = tmp_path / "cache" / "entry.json", tmp_path / "builds.log"
+    cmd = [sys.executable, "-c", _CONCURRENT_BUILDER, str(entry), str(log)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and outs == ["42", "42"]
+    assert log.read_text().count("built") == 1, log.read_text()
+    assert json.loads(entry.read_text()) == {"value": 42}
+    assert sorted(f.name for f in entry.parent.iterdir()) == [".entry.json.lock", "entry.json"]
 
 
 # ============================================================================ resources

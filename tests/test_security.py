@@ -212,7 +212,7 @@ def test_hostile_cache_files_are_rebuilt_not_run(hostile, tmp_path, monkeypatch,
     cfg = PairConfig(pair="carton-dugong", image_size=32, n_train_per_class=4, n_drsa=2, n_rank=2,
                      n_val_per_subgroup=1, n_test_per_subgroup=1)
     load_pair(cfg, verbose=False)
-    (cached,) = (tmp_path / "cache" / "pairs").iterdir()
+    (cached,) = (f for f in (tmp_path / "cache" / "pairs").iterdir() if not f.name.startswith("."))
     cached.write_bytes(path.read_bytes())
     load_pair(cfg)
     assert "is corrupt" in capsys.readouterr().out and _loads_as_pair_data(cached)

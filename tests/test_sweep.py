@@ -285,6 +285,21 @@ def test_sweep_killed_mid_run_resumes_without_redoing_work(tmp_path, sweep_env):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "2 skipped (up to date), 0 failed" in res.stdout and _mtimes(done) == done
+
+    # the runs above shared one kernel per run (sweep.RunKernel); a kernel per notebook gives the
+    # same run to the bit (only the run directory and the stage timings differ)
+    fresh = tmp_path / "per-notebook"
+    res = subprocess.run(_cmd(fresh, figs, ["carton-dugong"], "--seeds", "0", "--no-figures",
+                              "--kernel-per-notebook"), cwd=REPO, env=sweep_env, capture_output=True, text=True,
+                         timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    def comparable(run_dir):
+        m = json.loads((run_dir / "metrics.json").read_text())
+        del m["timings_s"], m["params"]["run_dir"]
+        return m
+
+    assert comparable(fresh / "carton-dugong" / "seed0") == comparable(run0)
     # offline: the whole sweep (its kernels included) tried no address but loopback
     assert _network_attempts(sweep_env) == []
 
@@ -438,13 +453,46 @@ def test_busy_kernel_is_not_killed(tmp_path):
     assert "done" in out.cells[0].outputs[0]["text"]
 
 
+def test_shared_kernel_runs_each_notebook_in_a_clean_namespace(tmp_path):
+    """A run's notebooks share one kernel process, but each starts as in a fresh kernel: the
+    previous notebook's variables are gone, execution counts start at 1, the modules it imported
+    stay imported."""
+    first = _one_cell_notebook(tmp_path / "a.ipynb", "import os, sys, json\nx = 41\nprint(os.getpid())")
+    second = _one_cell_notebook(tmp_path / "b.ipynb", "import os, sys\nprint(os.getpid(), 'x' in dir(), "
+                                "'json' in dir(), 'json' in sys.modules, os.getcwd())")
+    with sweep.RunKernel(cwd=tmp_path) as shared:
+        sweep.execute(first, tmp_path / "a.out.ipynb", {}, shared=shared)
+        sweep.execute(second, tmp_path / "b.out.ipynb", {}, shared=shared)
+        assert shared.starts == 1
+    a = nbformat.read(tmp_path / "a.out.ipynb", as_version=4).cells[0]
+    b = nbformat.read(tmp_path / "b.out.ipynb", as_version=4).cells[0]
+    pid = a.outputs[0]["text"].split()[0]
+    assert b.outputs[0]["text"].split() == [pid, "False", "False", "True", str(tmp_path)]
+    assert a.execution_count == b.execution_count == 1
+    assert shared.km is None  # closed with the block
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="the watchdog reads /proc (Linux)")
+def test_shared_kernel_is_restarted_after_the_watchdog_kills_it(tmp_path):
+    """A stalled notebook in the shared kernel is reported as in a kernel of its own; the next
+    notebook gets a new kernel."""
+    idle = _one_cell_notebook(tmp_path / "idle.ipynb", "import time\ntime.sleep(300)")
+    after = _one_cell_notebook(tmp_path / "after.ipynb", "print('alive')")
+    with sweep.RunKernel(cwd=tmp_path) as shared:
+        with pytest.raises(sweep.KernelStalled, match=r"idle.ipynb used no CPU for 3 s"):
+            sweep.execute(idle, tmp_path / "idle.out.ipynb", {}, stall_s=3, shared=shared)
+        sweep.execute(after, tmp_path / "after.out.ipynb", {}, shared=shared)
+        assert shared.starts == 2
+    assert "alive" in nbformat.read(tmp_path / "after.out.ipynb", as_version=4).cells[0].outputs[0]["text"]
+
+
 def test_run_job_reruns_a_stalled_notebook_once(tmp_path, monkeypatch, capsys):
     """run_job runs a notebook whose kernel stalled once more (its finished stages are reused), and
     reports a failure when it stalls again."""
     job = sweep.plan(["carton-dugong"], [0], tmp_path, {"smoke": True})[0]
     calls = []
 
-    def fake_execute(src, dst, parameters, kernel=sweep.KERNEL, cwd=None, stall_s=None):
+    def fake_execute(src, dst, parameters, kernel=sweep.KERNEL, cwd=None, stall_s=None, shared=None):
         calls.append(src.name)
         if src.name == "03_ablate.ipynb" and calls.count(src.name) <= stalls:
             raise sweep.KernelStalled(f"the kernel of {src.name} used no CPU for 900 s")

@@ -15,7 +15,10 @@ Usage
   notebooks are saved in the run directory ``DIR/<pair>/seed<k>/`` (with a grid:
   ``DIR/<pair>/<variant>/seed<k>/``, the variant naming the grid values). Then
   ``06_figures`` runs over everything in ``DIR`` and writes the figures (``--figures``,
-  default ``DIR/figures``); its executed copy is ``DIR/06_figures.ipynb``.
+  default ``DIR/figures``); its executed copy is ``DIR/06_figures.ipynb``. A run's five
+  notebooks share one kernel, its namespace cleared before each (:class:`RunKernel`; the torch
+  and zennit imports are paid once per run, not five times); ``--kernel-per-notebook`` starts
+  a fresh kernel for each instead, with the same results.
 * ``-p name=value`` sets any :class:`cnp.pipeline.Params` field for every run (values are
   parsed as JSON / Python literals, else kept as strings: ``-p step=0.1 -p smoke=1
   -p methods=cnp,vanilla,l1``). An unknown name or a bad value (wrong type, K * d_k != D, ...)
@@ -137,6 +140,7 @@ from cnp.sweep.runner import (  # noqa: F401
     KERNEL_STALL_S,
     STALL_CPU_FRACTION,
     KernelStalled,
+    RunKernel,
     _set_thread_env,
     available_cores,
     check_kernel,
@@ -150,4 +154,4 @@ from cnp.sweep.runner import (  # noqa: F401
     run_submitit,
 )
 
-__all__ = ["CLUSTER_CPUS", "CONTROL_GRID", "EVIDENCE_PARTS", "EVIDENCE_SEEDS", "FIGURES_NOTEBOOK", "FULL_PARAMS", "FULL_SEEDS", "Job", "KERNEL", "KERNEL_STALL_S", "KernelStalled", "NOTEBOOK_DIR", "PRESETS", "REPO_ROOT", "REPRODUCE_PAIR_PARAMS", "REPRODUCE_PAIR_SEEDS", "REPRODUCE_PARAMS", "REPRODUCE_SEEDS", "RESULT_INDEPENDENT", "RUN_NOTEBOOKS", "SHORT_NAMES", "STALL_CPU_FRACTION", "STYLES_GRID", "STYLES_SELECTED", "TABLE1_GRID", "TABLE1_SELECTED", "VARIANTS_GRID", "VARIANTS_SELECTED", "available_cores", "build_parser", "check_kernel", "check_overrides", "default_figures_dir", "default_run_dir", "default_runs_root", "descendants", "execute", "expand_grid", "expected_key", "format_table", "injected_parameters", "job_status", "list_params", "main", "notebook_parameter_names", "params_key", "parse_assignments", "parse_grid", "parse_value", "plan", "plan_preset", "prepare_shared", "resolved_params", "run_job", "run_local", "run_submitit", "summary_rows", "variant_name"]
+__all__ = ["CLUSTER_CPUS", "CONTROL_GRID", "EVIDENCE_PARTS", "EVIDENCE_SEEDS", "FIGURES_NOTEBOOK", "FULL_PARAMS", "FULL_SEEDS", "Job", "KERNEL", "KERNEL_STALL_S", "KernelStalled", "NOTEBOOK_DIR", "PRESETS", "REPO_ROOT", "REPRODUCE_PAIR_PARAMS", "REPRODUCE_PAIR_SEEDS", "REPRODUCE_PARAMS", "REPRODUCE_SEEDS", "RESULT_INDEPENDENT", "RUN_NOTEBOOKS", "RunKernel", "SHORT_NAMES", "STALL_CPU_FRACTION", "STYLES_GRID", "STYLES_SELECTED", "TABLE1_GRID", "TABLE1_SELECTED", "VARIANTS_GRID", "VARIANTS_SELECTED", "available_cores", "build_parser", "check_kernel", "check_overrides", "default_figures_dir", "default_run_dir", "default_runs_root", "descendants", "execute", "expand_grid", "expected_key", "format_table", "injected_parameters", "job_status", "list_params", "main", "notebook_parameter_names", "params_key", "parse_assignments", "parse_grid", "parse_value", "plan", "plan_preset", "prepare_shared", "resolved_params", "run_job", "run_local", "run_submitit", "summary_rows", "variant_name"]

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per run (default: $CNP_THREADS, else cores // workers)")
     ap.add_argument("--kernel", default=KERNEL, help="Jupyter kernel (default: cnp)")
+    ap.add_argument("--kernel-per-notebook", action="store_true",
+                    help="start a fresh kernel for every notebook (default: a run's notebooks 01-05 share one "
+                         "kernel, its namespace cleared between them; the results are the same)")
     ap.add_argument("--notebooks", default=str(NOTEBOOK_DIR), help="folder of the notebooks 01-06")
     ap.add_argument("--force", action="store_true", help="re-execute runs whose metrics.json is up to date")
     ap.add_argument("--dry-run", action="store_true", help="print the planned runs and their status, run nothing")
@@ -215,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.executor == "submitit":
             results = run_submitit(jobs, args, threads, args.kernel, notebooks)
         else:
-            results = run_local(jobs, workers, threads, args.kernel, notebooks, args.force)
+            results = run_local(jobs, workers, threads, args.kernel, notebooks, args.force,
+                                kernel_per_notebook=args.kernel_per_notebook)
     except CNPError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
