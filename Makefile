@@ -30,8 +30,12 @@ reproduce: $(STAMP)
 # The notebooks run under nbval in smoke mode: their parameters cells read CNP_SMOKE (tiny sizes),
 # CNP_RUNS (where the run directory goes) and CNP_FIGURES (where 06 writes), all set to a
 # temporary folder here; 01-05 share one run directory, 06 draws the figures from it.
+# The test suite runs on PYTEST_WORKERS pytest-xdist workers (each test uses one thread; modules
+# that share expensive fixtures stay on one worker, see tests/conftest.py); 0 runs it in-process.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup) tests
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	CNP_SMOKE=1 CNP_RUNS=$$tmp/runs CNP_FIGURES=$$tmp/figures CNP_PROGRESS=0 CNP_THREADS=1 OMP_NUM_THREADS=1 \
 	$(BIN)/python -m pytest -q --nbval-lax --nbval-kernel-name cnp -p no:cacheprovider notebooks

@@ -322,3 +322,19 @@ def test_same_metrics_finds_every_changed_number_and_ignores_timings(tmp_path):
     assert {d["value"] for d in res["differences"]} == {"curves.cnp[0].acc.c0w1", "drsa.ablated[0]"}
     assert res["only_a"] == ["p/seed1/metrics.json"]
     assert mod.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+
+
+def test_grouped_test_modules_exist_and_go_first(request):
+    """``GROUPED_MODULES`` (kept on one pytest-xdist worker, collected first) names real test
+    modules, and the collection puts them first in that order."""
+    from conftest import GROUPED_MODULES
+
+    here = Path(__file__).parent
+    assert all((here / f"{name}.py").is_file() for name in GROUPED_MODULES), GROUPED_MODULES
+    order = [item.path.stem for item in request.session.items]
+    present = [name for name in GROUPED_MODULES if name in order]
+    firsts = [order.index(name) for name in present]
+    assert firsts == sorted(firsts)
+    if present and len(present) < len(set(order)):  # a run with other modules: the grouped ones lead
+        last_grouped = max(i for i, name in enumerate(order) if name in GROUPED_MODULES)
+        assert all(name in GROUPED_MODULES for name in order[:last_grouped + 1])

@@ -219,6 +219,7 @@ _cnp_fresh_namespace()
 """
 
 _SHARED_ENGINE = "cnp-shared-kernel"
+_shared_engine_registered = False
 
 
 class RunKernel:
@@ -299,7 +300,8 @@ def _register_shared_engine() -> None:
     from papermill.engines import NBClientEngine, papermill_engines
     from papermill.utils import merge_kwargs, remove_args
 
-    if _SHARED_ENGINE in papermill_engines._engines:
+    global _shared_engine_registered
+    if _shared_engine_registered:
         return
 
     class SharedKernelEngine(NBClientEngine):
@@ -322,6 +324,7 @@ def _register_shared_engine() -> None:
                     client.kc = None
 
     papermill_engines.register(_SHARED_ENGINE, SharedKernelEngine)
+    _shared_engine_registered = True
 
 
 def run_job(job: Job, threads: int = 1, kernel: str = KERNEL, notebooks: str | Path = NOTEBOOK_DIR,
