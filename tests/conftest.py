@@ -27,12 +27,13 @@ TINY_D = 16  # channels at relu4_3 of the tiny VGG
 
 
 #: Modules whose tests share an expensive module- or session-scoped fixture (a fresh cache with
-#: its own pretrained smoke backbone, reference runs in subprocesses). When pytest-xdist spreads
+#: its own pretrained smoke backbone, reference runs in subprocesses), or that hold a test of
+#: several minutes (the GPU check script at tiny sizes). When pytest-xdist spreads
 #: the tests over workers (``make test`` runs two), each of these modules stays on one worker
 #: (``--dist loadgroup``), so its fixtures are built once; and these long modules are collected
 #: first, in this order, so that they start early and the short tests fill the other worker.
-GROUPED_MODULES = ("test_claims", "test_sweep", "test_reliability", "test_install", "test_api",
-                   "test_imagenet", "test_folder_data", "test_drsa")
+GROUPED_MODULES = ("test_claims", "test_sweep", "test_performance", "test_reliability", "test_install",
+                   "test_api", "test_imagenet", "test_folder_data", "test_drsa")
 
 
 def pytest_collection_modifyitems(config, items):
