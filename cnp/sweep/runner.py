@@ -294,15 +294,14 @@ def _register_shared_engine() -> None:
     """papermill engine that executes in a kernel it is given (``km=``) and leaves it running,
     closing its own client's channels afterwards (papermill's default engine would keep them,
     and one client per notebook, open until the process ends)."""
+    global _shared_engine_registered
+    if _shared_engine_registered:
+        return
     import atexit
 
     from papermill.clientwrap import PapermillNotebookClient
     from papermill.engines import NBClientEngine, papermill_engines
     from papermill.utils import merge_kwargs, remove_args
-
-    global _shared_engine_registered
-    if _shared_engine_registered:
-        return
 
     class SharedKernelEngine(NBClientEngine):
         @classmethod
