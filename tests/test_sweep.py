@@ -486,6 +486,22 @@ def test_shared_kernel_is_restarted_after_the_watchdog_kills_it(tmp_path):
     assert "alive" in nbformat.read(tmp_path / "after.out.ipynb", as_version=4).cells[0].outputs[0]["text"]
 
 
+def test_shared_kernel_that_cannot_be_cleared_is_replaced(tmp_path):
+    """When clearing the namespace fails, the next notebook runs in a fresh kernel (the same
+    state a cleared one would give) instead of failing the run; the failure is recorded."""
+    breaks = _one_cell_notebook(tmp_path / "breaks.ipynb",
+                                "import os\nx = 1\nget_ipython().reset = lambda **kw: 1 / 0\nprint(os.getpid())")
+    after = _one_cell_notebook(tmp_path / "after.ipynb", "import os\nprint(os.getpid(), 'x' in dir())")
+    with sweep.RunKernel(cwd=tmp_path) as shared:
+        sweep.execute(breaks, tmp_path / "breaks.out.ipynb", {}, shared=shared)
+        sweep.execute(after, tmp_path / "after.out.ipynb", {}, shared=shared)
+        assert shared.starts == 2
+        assert len(shared.reset_failures) == 1 and "ZeroDivisionError" in shared.reset_failures[0]
+    first = nbformat.read(tmp_path / "breaks.out.ipynb", as_version=4).cells[0].outputs[0]["text"].split()
+    second = nbformat.read(tmp_path / "after.out.ipynb", as_version=4).cells[0].outputs[0]["text"].split()
+    assert second[0] != first[0] and second[1] == "False"
+
+
 def test_run_job_reruns_a_stalled_notebook_once(tmp_path, monkeypatch, capsys):
     """run_job runs a notebook whose kernel stalled once more (its finished stages are reused), and
     reports a failure when it stalls again."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import os
 import signal
 import sys
@@ -232,7 +233,7 @@ class RunKernel:
     and numbering starts at 1 as in a fresh kernel; the modules stay imported. Every stage seeds
     its own generators and reads its inputs from the run directory, so the results are the same
     as with a kernel per notebook (tested: identical ``metrics.json``). A kernel that died (the
-    stall watchdog kills it) is started again. ``python -m cnp.sweep --kernel-per-notebook``
+    stall watchdog kills it), or one that cannot be cleared, is replaced by a fresh one. ``python -m cnp.sweep --kernel-per-notebook``
     keeps papermill's default instead.
     """
 
@@ -241,6 +242,7 @@ class RunKernel:
         self.km = None
         self.used = False   # has a notebook run in the current kernel
         self.starts = 0
+        self.reset_failures: list[str] = []   # resets that failed (each replaced the kernel)
 
     def ready(self):
         """The kernel manager of a live kernel with an empty namespace."""
@@ -249,16 +251,22 @@ class RunKernel:
 
         if self.km is not None and not run_sync(self.km.is_alive)():
             self.close()
+        if self.km is not None and self.used:
+            try:
+                self._reset()
+            except Exception as exc:  # noqa: BLE001 - a kernel that cannot be cleared is replaced
+                self.reset_failures.append(_error_line(exc))
+                self.close()
         if self.km is None:
             km = AsyncKernelManager(kernel_name=self.kernel)
             run_sync(km.start_kernel)(cwd=str(self.cwd) if self.cwd else None)
-            self.km, self.used, self.starts = km, False, self.starts + 1
-        elif self.used:
-            self._reset()
+            self.km, self.starts = km, self.starts + 1
         self.used = True
         return self.km
 
     def _reset(self) -> None:
+        """Clear the namespace; raises when the kernel does not answer within ``startup_timeout``
+        or the reset fails (:meth:`ready` then starts a fresh kernel, which gives the same state)."""
         kc = self.km.blocking_client()
         kc.start_channels()
         try:
@@ -267,8 +275,10 @@ class RunKernel:
                                            timeout=self.startup_timeout)
         finally:
             kc.stop_channels()
-        if reply["content"].get("status") != "ok":
-            raise CNPError(f"could not clear the shared notebook kernel: {reply['content'].get('evalue', '')}")
+        content = reply["content"]
+        if content.get("status") != "ok":
+            raise CNPError(f"could not clear the shared notebook kernel: "
+                           f"{content.get('ename', '')}: {content.get('evalue', '')}")
 
     def close(self) -> None:
         """Shut the kernel down (no-op when none runs)."""
@@ -349,12 +359,12 @@ def run_job(job: Job, threads: int = 1, kernel: str = KERNEL, notebooks: str | P
         values = {"smoke": False, **job.all_params(), "threads": threads}
         values["run_dir"] = str(run_dir.resolve())
         print(f"[sweep] {job.label} seed {job.seed}: start ({why or status}) -> {run_dir}", flush=True)
-        with RunKernel(kernel, cwd=run_dir) as shared:
+        with contextlib.nullcontext() if kernel_per_notebook else RunKernel(kernel, cwd=run_dir) as shared:
             for name in RUN_NOTEBOOKS:
                 src = Path(notebooks) / name
                 dst = run_dir / name
                 t1 = time.perf_counter()
-                run = dict(kernel=kernel, cwd=run_dir, shared=None if kernel_per_notebook else shared)
+                run = dict(kernel=kernel, cwd=run_dir, shared=shared)
                 try:
                     try:
                         execute(src, dst, injected_parameters(src, values), **run)
