@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +96,9 @@ def test_golden_objective_and_gradient(golden):
 )
 def test_golden_trajectory(golden, kw, traj_tol, u_tol):
     A, C, U0, K, steps = golden["A"], golden["C"], golden["U0"], golden["K"], golden["epochs"]
-    res = drsa.fit(A, C, K, steps, init=U0, restarts=1, progress=False, **kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "precision='bf16'", RuntimeWarning)  # emulated bf16 here
+        res = drsa.fit(A, C, K, steps, init=U0, restarts=1, progress=False, **kw)
     ref = golden["J_trajectory"]
     assert res.history.shape == (steps,)
     rel = np.abs(res.history.numpy() - ref) / np.abs(ref)
@@ -123,6 +126,21 @@ def test_golden_trajectory_at_the_defaults(golden):
     assert rel.max() < (2e-3 if low else 1e-3)
     np.testing.assert_allclose(res.J, golden["J_final"], rtol=1e-4)
     assert _orth_err(res.U) < 1e-5
+
+
+def test_bf16_asked_for_without_native_bf16_warns(small, monkeypatch):
+    """An explicit precision="bf16" where bf16 is emulated warns (its products are tens of times
+    slower than fp32 there); with native bf16, or with "auto", nothing is said."""
+    A, C, _ = small
+    monkeypatch.setattr(drsa, "bf16_native", lambda device: False)
+    with pytest.warns(RuntimeWarning, match=r"no native bf16.*emulated"):
+        res = drsa.fit(A, C, 4, 2, restarts=1, progress=False, precision="bf16")
+    assert res.info["precision"] == "bf16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert drsa.fit(A, C, 4, 2, restarts=1, progress=False).info["precision"] == "fp32"
+        monkeypatch.setattr(drsa, "bf16_native", lambda device: True)
+        drsa.fit(A, C, 4, 2, restarts=1, progress=False, precision="bf16")
 
 
 def test_auto_orth_picks_eigh_on_cpu_and_newton_schulz_elsewhere(small):
