@@ -233,8 +233,8 @@ class RunKernel:
     and numbering starts at 1 as in a fresh kernel; the modules stay imported. Every stage seeds
     its own generators and reads its inputs from the run directory, so the results are the same
     as with a kernel per notebook (tested: identical ``metrics.json``). A kernel that died (the
-    stall watchdog kills it), or one that cannot be cleared, is replaced by a fresh one. ``python -m cnp.sweep --kernel-per-notebook``
-    keeps papermill's default instead.
+    stall watchdog kills it), or one that cannot be cleared, is replaced by a fresh one.
+    ``python -m cnp.sweep --kernel-per-notebook`` keeps papermill's default instead.
     """
 
     def __init__(self, kernel: str = KERNEL, cwd: Path | None = None, startup_timeout: float = 120.0):
