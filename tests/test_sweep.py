@@ -529,6 +529,36 @@ def test_run_job_reruns_a_stalled_notebook_once(tmp_path, monkeypatch, capsys):
     assert calls.count("03_ablate.ipynb") == 2 and sweep.RUN_NOTEBOOKS[-1] not in calls
 
 
+def test_run_job_reports_a_shared_kernel_that_was_replaced(tmp_path, monkeypatch, capsys):
+    """A shared kernel that could not be cleared (RunKernel replaced it) is said in the sweep's log,
+    once, with the notebook that ran in the fresh kernel."""
+    job = sweep.plan(["carton-dugong"], [0], tmp_path, {"smoke": True})[0]
+    seen = []
+
+    def fake_execute(src, dst, parameters, kernel=sweep.KERNEL, cwd=None, stall_s=None, shared=None):
+        seen.append(shared)
+        if src.name == "03_ablate.ipynb":
+            shared.reset_failures.append("ZeroDivisionError: division by zero")
+        if src.name == sweep.RUN_NOTEBOOKS[-1]:
+            (Path(job.run_dir) / "metrics.json").write_text("{}")
+
+    monkeypatch.setattr(sweep.runner, "execute", fake_execute)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    assert sweep.run_job(job, status=("run", "test"))["status"] == "done"
+    out = capsys.readouterr().out
+    assert out.count("could not be cleared") == 1
+    assert ("could not be cleared before 03_ablate.ipynb (ZeroDivisionError: division by zero); "
+            "it ran in a fresh kernel") in out
+    assert len({id(s) for s in seen}) == 1 and isinstance(seen[0], sweep.RunKernel)
+    # a kernel per notebook: no shared kernel, nothing to report
+    seen.clear()
+    monkeypatch.setattr(sweep.runner, "execute",
+                        lambda src, dst, parameters, shared=None, **kw: seen.append(shared) or
+                        (Path(job.run_dir) / "metrics.json").write_text("{}"))
+    assert sweep.run_job(job, status=("run", "test"), kernel_per_notebook=True)["status"] == "done"
+    assert seen == [None] * len(sweep.RUN_NOTEBOOKS) and "could not be cleared" not in capsys.readouterr().out
+
+
 def test_expected_key_matches_what_the_notebooks_resolve(monkeypatch, tmp_path):
     """The resume check expects the parameters the notebooks will resolve: the parameters cell's
     values (the benchmark's settings where they differ from Params) under the injected ones; else

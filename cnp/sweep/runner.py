@@ -336,6 +336,15 @@ def _register_shared_engine() -> None:
     _shared_engine_registered = True
 
 
+def _new_reset_failures(shared: RunKernel | None, reported: list[int]) -> list[str]:
+    """The shared kernel's reset failures not yet printed (``reported[0]`` counts those that are)."""
+    if shared is None:
+        return []
+    new = shared.reset_failures[reported[0]:]
+    reported[0] = len(shared.reset_failures)
+    return new
+
+
 def run_job(job: Job, threads: int = 1, kernel: str = KERNEL, notebooks: str | Path = NOTEBOOK_DIR,
             force: bool = False, status: tuple[str, str] | None = None,
             kernel_per_notebook: bool = False) -> dict[str, Any]:
@@ -360,6 +369,7 @@ def run_job(job: Job, threads: int = 1, kernel: str = KERNEL, notebooks: str | P
         values["run_dir"] = str(run_dir.resolve())
         print(f"[sweep] {job.label} seed {job.seed}: start ({why or status}) -> {run_dir}", flush=True)
         with contextlib.nullcontext() if kernel_per_notebook else RunKernel(kernel, cwd=run_dir) as shared:
+            reported = [0]   # how many of the shared kernel's reset failures are printed
             for name in RUN_NOTEBOOKS:
                 src = Path(notebooks) / name
                 dst = run_dir / name
@@ -376,6 +386,9 @@ def run_job(job: Job, threads: int = 1, kernel: str = KERNEL, notebooks: str | P
                     print(f"[sweep] {job.label} seed {job.seed}: FAILED in {name}: {line}", flush=True)
                     return {**res, "status": "failed", "error": line, "notebook": str(dst),
                             "seconds": time.perf_counter() - t0}
+                for line in _new_reset_failures(shared, reported):
+                    print(f"[sweep] {job.label} seed {job.seed}: the shared kernel could not be cleared "
+                          f"before {name} ({line}); it ran in a fresh kernel", flush=True)
                 print(f"[sweep] {job.label} seed {job.seed}: {name} done ({time.perf_counter() - t1:.0f} s)",
                       flush=True)
         if not (run_dir / "metrics.json").exists():
