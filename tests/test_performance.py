@@ -324,6 +324,38 @@ def test_same_metrics_finds_every_changed_number_and_ignores_timings(tmp_path):
     assert mod.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
 
 
+def test_efficiency_bench_counts_macs_and_rates_against_the_gemm(tmp_path):
+    """bench/bench_efficiency.py --quick: the pruned models have the removed share of filters, a
+    training step counts 3 x the forward MACs minus the first conv's input gradient, every rate is
+    measured against the GEMM of the same run; bad shares are refused."""
+    import importlib.util
+    import json
+
+    from cnp.models import count_macs
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_efficiency.py"
+    spec = importlib.util.spec_from_file_location("bench_efficiency", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    full, half = mod.reduced_vgg(0.0), mod.reduced_vgg(0.5)
+    assert half.conv_widths == [max(1, round(w / 2)) for w in full.conv_widths]
+    first = full.convs[0]
+    assert mod.training_macs(full, 48) == 3 * count_macs(full, 48) - 48 * 48 * 3 * first.out_channels * 9
+    res = mod.main(["--quick", "--pruned", "0.5", "--out", str(tmp_path / "eff.json")])
+    assert json.loads((tmp_path / "eff.json").read_text()) == json.loads(json.dumps(res))
+    rows = {r["what"]: r for r in res["rows"]}
+    assert set(rows) == {"gemm", "train unpruned", "infer unpruned", "train 50% removed", "infer 50% removed"}
+    assert rows["gemm"]["share_of_gemm"] == 1.0 and rows["gemm"]["macs"] == 256 ** 3
+    assert rows["train 50% removed"]["macs"] == mod.training_macs(half, 48) * 8
+    assert rows["infer unpruned"]["macs"] == count_macs(full, 48) * 16
+    for r in rows.values():
+        assert r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["share_of_gemm"] == pytest.approx(r["gmac_per_s"] / rows["gemm"]["gmac_per_s"])
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--quick", "--pruned", "1.0"])
+    assert exc.value.code == 2
+
+
 def test_grouped_test_modules_exist_and_go_first(request):
     """``GROUPED_MODULES`` (kept on one pytest-xdist worker, collected first) names real test
     modules, and the collection puts them first in that order."""
