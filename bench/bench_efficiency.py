@@ -19,7 +19,11 @@ side in one process and on one thread:
 
 Reading it: if training steps run at a share ``e`` of the peak, no change that keeps the
 arithmetic can make them more than ``1 / e`` times faster on this core; a 2x faster run needs
-``e <= 0.5`` or less work.
+``e <= 0.5`` or less work. The last lines weight the levels as the pruning schedule does (its
+default levels are those of the ``reproduce`` settings, 10 % steps to 80 %): one fine-tune after
+each step and one more at the last level, one evaluation before the first step, after each step
+and after the final fine-tune. With uniform removal this approximates the schedule's own
+(global, layer-uneven) choice of filters.
 
 Example::
 
@@ -108,6 +112,28 @@ def infer_call(model: VGG, batch: int, size: int):
     return call, count_macs(model, size) * batch
 
 
+def tag(removed: float) -> str:
+    return "unpruned" if removed == 0 else f"{removed:.0%} removed"
+
+
+def schedule_bounds(rows: list[dict], levels: list[float]) -> dict[str, dict]:
+    """Seconds per batch of the schedule's fine-tunes (one per level, one more at the last) and
+    evaluations (unpruned, one per level, one more at the last), measured and at the GEMM rate."""
+    by = {r["what"]: r for r in rows}
+    peak = by["gemm"]["gmac_per_s"] * 1e9
+    plan = {"fine-tunes": ("train", [*levels, levels[-1]] if levels else []),
+            "evaluations": ("infer", [0.0, *levels, levels[-1]] if levels else [0.0])}
+    out = {}
+    for name, (kind, at) in plan.items():
+        picked = [by[f"{kind} {tag(r)}"] for r in at]
+        if not picked:
+            continue
+        now = sum(r["median_s"] for r in picked)
+        best = sum(r["macs"] for r in picked) / peak
+        out[name] = {"levels": at, "seconds_per_batch": now, "seconds_at_gemm_rate": best, "bound": now / best}
+    return out
+
+
 def time_interleaved(calls: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
     times = {k: [] for k in calls}
     for r in range(warmup + repeats):
@@ -122,7 +148,8 @@ def time_interleaved(calls: dict, repeats: int, warmup: int) -> dict[str, list[f
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: as a run of the sweep)")
-    p.add_argument("--pruned", type=float, nargs="*", default=[0.4, 0.8], help="shares of filters removed")
+    p.add_argument("--pruned", type=float, nargs="*", default=[round(0.1 * k, 1) for k in range(1, 9)],
+                   help="shares of filters removed: the schedule's levels (default 0.1 ... 0.8)")
     p.add_argument("--gemm", type=int, default=1024, help="side of the square fp32 GEMM (the peak)")
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--infer-batch", type=int, default=256)
@@ -140,10 +167,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
 
     calls = {"gemm": gemm_call(args.gemm)}
-    for removed in [0.0, *args.pruned]:
-        tag = "unpruned" if removed == 0 else f"{removed:.0%} removed"
-        calls[f"train {tag}"] = train_call(reduced_vgg(removed), args.train_batch, SIZE)
-        calls[f"infer {tag}"] = infer_call(reduced_vgg(removed), args.infer_batch, SIZE)
+    for removed in [0.0, *sorted(set(args.pruned) - {0.0})]:
+        calls[f"train {tag(removed)}"] = train_call(reduced_vgg(removed), args.train_batch, SIZE)
+        calls[f"infer {tag(removed)}"] = infer_call(reduced_vgg(removed), args.infer_batch, SIZE)
     load = os.getloadavg()
     print(f"efficiency: reduced VGG-16 at {SIZE} px (channels_last) vs a {args.gemm}^3 fp32 GEMM, "
           f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
@@ -163,10 +189,14 @@ def main(argv=None) -> dict:
         bound = "" if r["what"] == "gemm" else f"{1 / r['share_of_gemm']:.2f}x"
         print(f"{r['what']:<20s} {r['macs'] / 1e9:>10.3f} {r['median_s'] * 1e3:>9.1f} {r['gmac_per_s']:>8.1f} "
               f"{r['share_of_gemm']:>8.2f}  {bound}")
+    schedule = schedule_bounds(rows, sorted(set(args.pruned)))
+    for name, b in schedule.items():
+        print(f"schedule {name}: {b['seconds_per_batch']:.2f} s per batch over its levels, "
+              f"{b['seconds_at_gemm_rate']:.2f} s at the GEMM rate: at most {b['bound']:.2f}x faster")
     result = {"bench": "efficiency", "torch": torch.__version__, "threads": args.threads, "size": SIZE,
               "block_widths": list(BLOCK_WIDTHS), "gemm": args.gemm, "train_batch": args.train_batch,
               "infer_batch": args.infer_batch, "repeats": args.repeats, "loadavg": list(load),
-              "processor": platform.processor() or platform.machine(), "rows": rows}
+              "processor": platform.processor() or platform.machine(), "rows": rows, "schedule": schedule}
     if args.out:
         atomic_write_json(args.out, result)
         print(f"wrote {args.out}")

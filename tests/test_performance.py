@@ -348,6 +348,12 @@ def test_efficiency_bench_counts_macs_and_rates_against_the_gemm(tmp_path):
     assert rows["gemm"]["share_of_gemm"] == 1.0 and rows["gemm"]["macs"] == 256 ** 3
     assert rows["train 50% removed"]["macs"] == mod.training_macs(half, 48) * 8
     assert rows["infer unpruned"]["macs"] == count_macs(full, 48) * 16
+    sched = res["schedule"]
+    assert sched["fine-tunes"]["levels"] == [0.5, 0.5] and sched["evaluations"]["levels"] == [0.0, 0.5, 0.5]
+    assert sched["fine-tunes"]["seconds_per_batch"] == pytest.approx(2 * rows["train 50% removed"]["median_s"])
+    peak = rows["gemm"]["gmac_per_s"] * 1e9
+    assert sched["evaluations"]["seconds_at_gemm_rate"] == pytest.approx(
+        (rows["infer unpruned"]["macs"] + 2 * rows["infer 50% removed"]["macs"]) / peak)
     for r in rows.values():
         assert r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["share_of_gemm"] == pytest.approx(r["gmac_per_s"] / rows["gemm"]["gmac_per_s"])
