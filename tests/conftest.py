@@ -26,26 +26,22 @@ TINY_BLOCK_WIDTHS = (4, 8, 8, 16, 16)
 TINY_D = 16  # channels at relu4_3 of the tiny VGG
 
 
-#: Modules whose tests share an expensive module- or session-scoped fixture (a fresh cache with
-#: its own pretrained smoke backbone, reference runs in subprocesses), or that hold a test of
-#: several minutes (the GPU check script at tiny sizes). When pytest-xdist spreads
-#: the tests over workers (``make test`` runs two), each of these modules stays on one worker
-#: (``--dist loadgroup``), so its fixtures are built once; and these long modules are collected
-#: first, in this order, so that they start early and the short tests fill the other worker.
-GROUPED_MODULES = ("test_claims", "test_sweep", "test_performance", "test_reliability", "test_install",
-                   "test_api", "test_imagenet", "test_folder_data", "test_drsa")
+#: The long modules: those whose tests share an expensive module- or session-scoped fixture (a
+#: fresh cache with its own pretrained smoke backbone, reference runs in subprocesses) or hold a
+#: test of minutes (the claims test, the sweep killed and resumed, the GPU check script at tiny
+#: sizes), longest first. ``make test`` spreads the tests over two pytest-xdist workers with
+#: ``--dist loadfile``: every module runs on one worker, so a module's fixtures are built once
+#: (``tests/test_performance.py`` checks that on the installed pytest and pytest-xdist). These
+#: modules are collected first, in this order, so that they start early and the short modules
+#: fill the other worker.
+LONG_MODULES = ("test_sweep", "test_claims", "test_reliability", "test_api", "test_install", "test_performance",
+                "test_imagenet", "test_folder_data", "test_drsa")
 
 
 def pytest_collection_modifyitems(config, items):
-    def module(item) -> str:
-        return item.path.stem
-
-    first = {name: i for i, name in enumerate(GROUPED_MODULES)}
+    first = {name: i for i, name in enumerate(LONG_MODULES)}
     # a stable sort: each module's tests stay together and in their order
-    items.sort(key=lambda item: first.get(module(item), len(first)))
-    for item in items:
-        if module(item) in first:
-            item.add_marker(pytest.mark.xdist_group(module(item)))
+    items.sort(key=lambda item: first.get(item.path.stem, len(first)))
 
 
 @pytest.fixture(autouse=True, scope="session")
