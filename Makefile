@@ -32,9 +32,8 @@ reproduce: $(STAMP)
 # temporary folder here; 01-05 share one run directory, 06 draws the figures from it. They run
 # one after the other on one thread, beside the test suite (their report follows the suite's), so
 # that their time fills the cores the suite leaves idle instead of coming after it.
-# The test suite runs on PYTEST_WORKERS pytest-xdist workers (each test uses one thread; each
-# module stays on one worker, so its fixtures are built once; see tests/conftest.py); 0 runs it
-# in-process.
+# The test suite runs on PYTEST_WORKERS pytest-xdist workers (each test uses one thread; modules
+# that share expensive fixtures stay on one worker, see tests/conftest.py); 0 runs it in-process.
 PYTEST_WORKERS ?= 2
 NOTEBOOK_TESTS = CNP_SMOKE=1 CNP_RUNS=$$tmp/runs CNP_FIGURES=$$tmp/figures CNP_PROGRESS=0 CNP_THREADS=1 \
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --nbval-lax --nbval-kernel-name cnp -p no:cacheprovider notebooks
@@ -43,7 +42,7 @@ test: $(STAMP)
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT || exit 1; \
 	{ $(NOTEBOOK_TESTS) >$$tmp/notebooks.log 2>&1; echo $$? >$$tmp/notebooks.rc; } & \
 	echo "== tests (the notebooks run beside them; their report follows)"; \
-	$(BIN)/python -m pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile) tests; \
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup) tests; \
 	rc=$$?; wait; echo "== notebooks (nbval, smoke parameters)"; cat $$tmp/notebooks.log; \
 	nb=$$(cat $$tmp/notebooks.rc 2>/dev/null || echo 1); \
 	if [ $$rc -ne 0 ] || [ $$nb -ne 0 ]; then echo "make test: FAILED (tests exit $$rc, notebooks exit $$nb)"; exit 1; fi

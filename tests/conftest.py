@@ -28,13 +28,13 @@ TINY_D = 16  # channels at relu4_3 of the tiny VGG
 
 #: The long modules: those whose tests share an expensive module- or session-scoped fixture (a
 #: fresh cache with its own pretrained smoke backbone, reference runs in subprocesses) or hold a
-#: test of minutes (the claims test, the sweep killed and resumed, the GPU check script at tiny
+#: test of minutes (the sweep killed and resumed, the claims test, the GPU check script at tiny
 #: sizes), longest first. ``make test`` spreads the tests over two pytest-xdist workers with
-#: ``--dist loadfile``: every module runs on one worker, so a module's fixtures are built once
-#: (``tests/test_performance.py`` checks that on the installed pytest and pytest-xdist). These
-#: modules are collected first, in this order, so that they start early and the short modules
-#: fill the other worker.
-LONG_MODULES = ("test_sweep", "test_claims", "test_reliability", "test_api", "test_install", "test_performance",
+#: ``--dist loadgroup``, for which :func:`pytest_xdist_make_scheduler` below makes each of these
+#: modules one unit of work (one worker, so its fixtures are built once) and every other test a
+#: unit of its own, handed out in the collection order; these modules are collected first, in
+#: this order, so that they start early and the short tests fill the other worker.
+LONG_MODULES = ("test_sweep", "test_reliability", "test_claims", "test_api", "test_performance", "test_install",
                 "test_imagenet", "test_folder_data", "test_drsa")
 
 
@@ -42,6 +42,31 @@ def pytest_collection_modifyitems(config, items):
     first = {name: i for i, name in enumerate(LONG_MODULES)}
     # a stable sort: each module's tests stay together and in their order
     items.sort(key=lambda item: first.get(item.path.stem, len(first)))
+
+
+def long_modules_scheduler(config, log, long_modules):
+    """pytest-xdist's scope scheduler with the ``long_modules`` as units and every other test alone,
+    in the collection order (not reordered by the number of tests per unit).
+
+    What ``--dist loadgroup`` with ``xdist_group`` marks did, without the marks: pytest-xdist 3.8
+    passes a test's group in its node id, which pytest 9.2 no longer lets it change, so the marks
+    were silently ignored (and a long module's fixtures were built on both workers)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LongModulesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module.rsplit("/", 1)[-1].removesuffix(".py") in long_modules else nodeid
+
+    config.option.loadscopereorder = False
+    return LongModulesTogether(config, log)
+
+
+@pytest.hookimpl(optionalhook=True)   # pytest-xdist's hook: absent without pytest-xdist
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None   # any other --dist: pytest-xdist's own scheduler
+    return long_modules_scheduler(config, log, LONG_MODULES)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -377,35 +377,64 @@ def test_long_test_modules_exist_and_go_first(request):
         assert all(name in LONG_MODULES for name in order[:last_long + 1])
 
 
-def test_make_test_keeps_each_module_on_one_worker(tmp_path):
-    """The distribution ``make test`` asks pytest-xdist for keeps every test module on one worker
+def test_make_test_keeps_each_long_module_on_one_worker(tmp_path):
+    """The distribution ``make test`` asks pytest-xdist for keeps every long module on one worker
     with the installed pytest and pytest-xdist (so a module's fixtures are built once). Checked by
-    running it on three generated modules of five tests each: pytest 9.2 silently broke
-    ``--dist loadgroup``'s grouping this way (pytest-xdist 3.8 writes the group into a node id
-    field that pytest 9.2 no longer reads, and the tests are spread as if unmarked)."""
+    running it, with ``tests/conftest.py``'s scheduler hook, on four generated modules of six tests
+    each, two of them named long: pytest 9.2 silently broke ``--dist loadgroup``'s ``xdist_group``
+    marks this way (pytest-xdist 3.8 writes the group into a node id field that pytest 9.2 no
+    longer reads, and the tests were spread as if unmarked)."""
     import os
     import re
     import subprocess
 
     pytest.importorskip("xdist")
-    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    here = Path(__file__).resolve().parent
+    makefile = (here.parent / "Makefile").read_text()
     (dist,) = set(re.findall(r"--dist (\w+)", makefile))
     log = tmp_path / "workers.log"
-    for name in ("test_a", "test_b", "test_c"):
+    names = ("test_a", "test_b", "test_c", "test_d")
+    for name in names:
         (tmp_path / f"{name}.py").write_text(
             "import os, pytest, time\n"
-            "@pytest.mark.parametrize('i', range(5))\n"
+            "@pytest.mark.parametrize('i', range(6))\n"
             "def test_one(i):\n"
             "    time.sleep(0.05)\n"
             f"    with open({str(log)!r}, 'a') as f:\n"
             f"        f.write('{name} ' + os.environ['PYTEST_XDIST_WORKER'] + '\\n')\n")
+    (tmp_path / "conftest.py").write_text(   # the suite's hooks, with two of these modules named long
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('suite_conftest', {str(here / 'conftest.py')!r})\n"
+        "suite = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(suite)\n"
+        "suite.LONG_MODULES = ('test_a', 'test_b')\n"
+        "pytest_collection_modifyitems = suite.pytest_collection_modifyitems\n"
+        "pytest_xdist_make_scheduler = suite.pytest_xdist_make_scheduler\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", dist, "-p", "no:cacheprovider",
                           str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     rows = [line.split() for line in log.read_text().splitlines()]
-    assert len(rows) == 15
-    workers = {name: {w for n, w in rows if n == name} for name in ("test_a", "test_b", "test_c")}
-    assert all(len(w) == 1 for w in workers.values()), f"a module ran on several workers: {workers}"
+    assert len(rows) == 24
+    workers = {name: {w for n, w in rows if n == name} for name in names}
+    assert len(workers["test_a"]) == 1 and len(workers["test_b"]) == 1, f"a long module was split: {workers}"
     assert len(set().union(*workers.values())) == 2   # and both workers were used
+
+
+def test_long_modules_scheduler_units(monkeypatch):
+    """The scheduler's units: a long module is one unit (its path), any other test is its own."""
+    pytest.importorskip("xdist")
+    from types import SimpleNamespace
+
+    from conftest import long_modules_scheduler
+    from xdist.scheduler import LoadScopeScheduling
+
+    monkeypatch.setattr(LoadScopeScheduling, "__init__", lambda self, config, log=None: None)
+    config = SimpleNamespace(option=SimpleNamespace(loadscopereorder=True))
+    sched = long_modules_scheduler(config, None, ("test_sweep",))
+    assert config.option.loadscopereorder is False   # units go out in the collection order
+    assert sched._split_scope("tests/test_sweep.py::test_x[1]") == "tests/test_sweep.py"
+    assert sched._split_scope("tests/test_sweep.py::Cls::test_y") == "tests/test_sweep.py"
+    assert sched._split_scope("tests/test_rules.py::test_z[2]") == "tests/test_rules.py::test_z[2]"
+    assert sched._split_scope("tests/test_sweep_more.py::t") == "tests/test_sweep_more.py::t"
