@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--compare-orth", action="store_true",
                    help="also time fit with the orthogonalisation that orth='auto' does not pick")
-    p.add_argument("--no-bf16", action="store_true", help="skip the precision='bf16' variant")
+    p.add_argument("--no-bf16", action="store_true", help="where the default is fp32: skip the precision='bf16' variant")
     p.add_argument("--quick", action="store_true",
                    help=f"CPU preset: {QUICK} (overrides --D/--N/--steps)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -105,8 +105,11 @@ def main(argv=None) -> dict:
     A, C = A.to(device), C.to(device)
     inits = drsa.random_orthogonal(args.D, args.restarts, args.seed)
     auto_orth = drsa._resolve_orth("auto", device)
-    variants = [(f"fit default (fp32, orth=auto: {auto_orth})", {})]
-    if not args.no_bf16:
+    auto_precision = drsa._resolve_precision("auto", A.dtype, device)
+    variants = [(f"fit default ({auto_precision}, orth=auto: {auto_orth})", {})]
+    if auto_precision != "fp32":
+        variants.append((f"fit precision=fp32 (orth=auto: {auto_orth})", {"precision": "fp32"}))
+    elif not args.no_bf16:
         variants.append((f"fit precision=bf16 (orth=auto: {auto_orth})", {"precision": "bf16"}))
     if args.compare_orth:
         other = "eigh" if auto_orth == "newton-schulz" else "newton-schulz"

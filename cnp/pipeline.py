@@ -45,6 +45,7 @@ from cnp.data.imagenet import OVERLAYS, build_pair, check_root, is_manifest_path
 from cnp.data.splits import PairData
 from cnp.data.synthetic import PAIRS, CorpusConfig, load_pair, pair_config
 from cnp.data.watermark import WatermarkStyle
+from cnp.drsa import BF16_ARITHMETIC
 from cnp.io import (
     CNPError,
     atomic_torch_save,
@@ -452,6 +453,8 @@ def _stage_key(p: Params, stage: str) -> str:
             keys.update({n: d[n] for n in names if n not in ("methods", "heatmap_images")})
     if "augment" in upto:
         arithmetic["drsa_precision"] = drsa_precision(p, dev)
+        if arithmetic["drsa_precision"] == "bf16":
+            arithmetic["drsa_bf16_arithmetic"] = BF16_ARITHMETIC
     if "ablate" not in upto:
         for n in _STAGE_LATER:
             keys.pop(n, None)

@@ -168,6 +168,29 @@ def test_arithmetic_parameters_are_validated_and_keyed(monkeypatch):
     assert _stage_key(new, "prune") == _stage_key(fmt, "prune")
 
 
+def test_the_bf16_drsa_arithmetic_version_is_keyed(monkeypatch):
+    """Where DRSA resolves to bf16, the version of the bf16 path's arithmetic is in the keys from
+    the augment stage on (results of an earlier bf16 arithmetic are recomputed); where it resolves
+    to fp32, the version is in no key. DRSA checkpoints carry it the same way."""
+    from cnp import drsa
+    from cnp.pipeline import _stage_key, make_params
+
+    p = make_params(pair="carton-dugong", seed=0, smoke=True)
+    for resolved in ("bf16", "fp32"):
+        monkeypatch.setattr("cnp.pipeline.drsa_precision", lambda params, device, r=resolved: r)
+        monkeypatch.setattr("cnp.pipeline.BF16_ARITHMETIC", 2)
+        before = {stage: _stage_key(p, stage) for stage in ("warmup", "augment", "prune")}
+        monkeypatch.setattr("cnp.pipeline.BF16_ARITHMETIC", 3)
+        after = {stage: _stage_key(p, stage) for stage in ("warmup", "augment", "prune")}
+        assert before["warmup"] == after["warmup"]
+        for stage in ("augment", "prune"):
+            assert (before[stage] != after[stage]) == (resolved == "bf16"), (resolved, stage)
+    A = torch.randn(8, 4)
+    kw = dict(K=2, steps=3, restarts=1, seed=0, lr=1.0, orth="eigh", ns_iters=5, dtype=torch.float32)
+    assert drsa._checkpoint_meta(A, A, None, precision="bf16", **kw)["bf16_arithmetic"] == drsa.BF16_ARITHMETIC
+    assert "bf16_arithmetic" not in drsa._checkpoint_meta(A, A, None, precision="fp32", **kw)
+
+
 def test_tensor_hash_ignores_the_memory_format():
     """A channels_last tensor hashes like its NCHW copy, also a (n, c, 1, 1) weight (which counts
     as contiguous although its last stride is c), and the hash of a plain tensor is unchanged."""
