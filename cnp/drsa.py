@@ -487,6 +487,8 @@ class _Workspace:
         self.grad = torch.empty(D, R * D, **kw)
         self.tiny = torch.finfo(X.dtype).tiny
         self.low = precision == "bf16"
+        # orth="eigh" decomposes in float32 where the GEMMs are bf16 (BF16_ARITHMETIC), else float64
+        self.orth_dtype = torch.float32 if self.low else torch.float64
         if self.low:
             lkw = {"device": X.device, "dtype": torch.bfloat16}
             self.Xg = X.to(torch.bfloat16)
@@ -553,11 +555,11 @@ def _value(ws: _Workspace, U: torch.Tensor) -> torch.Tensor:
 def _orth_eigh(M: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``M (M^T M)^(-1/2)`` through an eigendecomposition in ``dtype``, batched (float64: the
     reference's; float32 in the bf16 path of :func:`fit`)."""
-    M64 = M.to(dtype)
-    S = M64.transpose(-2, -1) @ M64
+    Mw = M.to(dtype)
+    S = Mw.transpose(-2, -1) @ Mw
     lam, E = torch.linalg.eigh(S)
     inv_sqrt = (E * lam.rsqrt().unsqueeze(-2)) @ E.transpose(-2, -1)
-    return (M64 @ inv_sqrt).to(M.dtype)
+    return (Mw @ inv_sqrt).to(M.dtype)
 
 
 def _orth_newton_schulz(M: torch.Tensor, scale: torch.Tensor, iters: int) -> torch.Tensor:
@@ -588,7 +590,7 @@ def _drsa_step(
     J, grad = _value_and_grad(ws, U)
     M = torch.add(U, grad, alpha=lr)
     if orth == "eigh":
-        return J, _orth_eigh(M, torch.float32 if ws.low else torch.float64), None
+        return J, _orth_eigh(M, ws.orth_dtype), None
     scale = 1 + abs(lr) * torch.linalg.vector_norm(grad, dim=(1, 2))
     U_new = _orth_newton_schulz(M, scale, ns_iters)
     return J, U_new, _orth_residual(U_new)

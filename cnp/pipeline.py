@@ -46,6 +46,7 @@ from cnp.data.splits import PairData
 from cnp.data.synthetic import PAIRS, CorpusConfig, load_pair, pair_config
 from cnp.data.watermark import WatermarkStyle
 from cnp.drsa import BF16_ARITHMETIC
+from cnp.drsa import _resolve_precision as _resolve_drsa_precision
 from cnp.io import (
     CNPError,
     atomic_torch_save,
@@ -74,7 +75,6 @@ from cnp.pruning.schedule import METHOD_SPECS, METHODS
 from cnp.resources import default_run_dir
 from cnp.runtime import (
     StageTimer,
-    bf16_native,
     configure_threads,
     resolve_device,
     resolve_precision,
@@ -251,9 +251,7 @@ def lrp_config(p: Params) -> LRPConfig:
 
 def drsa_precision(p: Params, device) -> str:
     """DRSA's arithmetic as it resolves on ``device`` (``cnp.drsa.fit``'s ``auto`` rule)."""
-    if p.run.drsa_precision == "auto":
-        return "bf16" if bf16_native(device) else "fp32"
-    return p.run.drsa_precision
+    return _resolve_drsa_precision(p.run.drsa_precision, torch.float32, torch.device(device))
 
 
 def prune_config(p: Params) -> PruneConfig:
