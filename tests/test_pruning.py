@@ -539,6 +539,44 @@ def test_resume_gives_the_uninterrupted_result(tiny_vgg, tiny_pair, random_U, tm
     assert len(other.curve) == 4
 
 
+@pytest.mark.parametrize("first", ["cnp", "vanilla"])
+def test_methods_of_a_run_dir_share_the_unpruned_evaluation(tiny_vgg, tiny_pair, random_U, tmp_path, monkeypatch,
+                                                            first):
+    """The first method of a run directory measures the unpruned network; a later one reads its
+    step-0 measurements back (no LRP pass, no validation pass) and its curve is, to the bit, the
+    curve the method gives on its own."""
+    cs = _concept_state(random_U(D))
+    alone = {m: run_pruning(tiny_vgg, tiny_pair, m, CFG, concept_state=cs, seed=1, verbose=False)
+             for m in ("cnp", "vanilla")}
+    second = "vanilla" if first == "cnp" else "cnp"
+    run_pruning(tiny_vgg, tiny_pair, first, CFG, concept_state=cs, seed=1, run_dir=tmp_path, verbose=False)
+    assert (tmp_path / "unpruned_eval.pt").is_file()
+    evaluations = []
+    real = schedule._evaluate
+
+    def recording(*args, **kwargs):
+        evaluations.append(kwargs.get("measured") is not None)
+        return real(*args, **kwargs)
+
+    shares = []
+    real_shares = schedule.wm_relevance_shares
+    monkeypatch.setattr(schedule, "_evaluate", recording)
+    monkeypatch.setattr(schedule, "wm_relevance_shares", lambda *a, **k: shares.append(1) or real_shares(*a, **k))
+    res = run_pruning(tiny_vgg, tiny_pair, second, CFG, concept_state=cs, seed=1, run_dir=tmp_path, verbose=False)
+    assert evaluations[0] and not any(evaluations[1:])       # step 0 read back, the other steps measured
+    assert len(shares) == len(res.curve) - 1                  # no LRP pass for step 0
+    assert _curves_equal(res.curve, alone[second].curve)
+    assert ("acc_virtual_layer" in res.curve[0]) == (second == "cnp")
+    # other inputs (another network) measure again
+    other = copy.deepcopy(tiny_vgg)
+    with torch.no_grad():
+        other.classifier[-1].weight.mul_(-1.0)
+    evaluations.clear()
+    run_pruning(other, tiny_pair, "vanilla", CFG, seed=1, run_dir=tmp_path / "other", verbose=False)
+    run_pruning(other, tiny_pair, "l1", CFG, seed=1, run_dir=tmp_path, verbose=False)
+    assert not any(evaluations)
+
+
 def test_schedule_input_errors(tiny_vgg, tiny_pair, random_U):
     for bad in (0.0, 1.0, 1.5, -0.2):
         with pytest.raises(CNPError, match="target pruning rate"):

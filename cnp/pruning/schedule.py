@@ -310,32 +310,53 @@ class PruneResult:
     method: str
 
 
+#: the measurements of a curve entry that depend only on the deployable network and the data
+#: (what :func:`_unpruned_entry` shares between the methods of one run directory)
+_MEASURED = ("acc", "val_acc", "wm_relevance_share", "wm_relevance_share_by_subgroup")
+
+
 def _evaluate(model: torch.nn.Module, data: PairData, cfg: PruneConfig, device, image_size: int, keep: bool = False,
-              filters: int | None = None) -> dict:
+              filters: int | None = None, measured: dict | None = None) -> dict:
     """One curve entry, measured on the deployable network: without the virtual layer (the paper
     removes it at the end), or with the ablation for a method that keeps it (``keep``, or a model
     that carries a :class:`~cnp.virtual_layer.KeptAblation`). The other variant is reported beside
-    it: ``acc_virtual_layer`` (virtual layer active) or ``acc_ablation_removed``."""
+    it: ``acc_virtual_layer`` (virtual layer active) or ``acc_ablation_removed``.
+
+    ``measured``: the :data:`_MEASURED` values of this same deployable network, measured before
+    on the same data with the same settings (a plain network: not ``keep``); they are taken as
+    they are, and only ``acc_virtual_layer`` is measured (one pass over the test split with the
+    virtual layer active) when the model carries an enabled one."""
     vl, kept = get_virtual_layer(model), get_kept_ablation(model)
     site = vl if vl is not None else kept
     keep = keep or (vl is None and kept is not None)
+    if measured is not None and keep:
+        raise CNPError("measurements of the plain network cannot stand for a network that keeps its ablation")
     was = site.enabled if site is not None else None
     if site is not None:
         site.enabled = keep  # the deployable network
     acc_vl = acc_removed = None
     extra_macs, extra_params = _kept_extra(model, vl if keep else None, image_size)
     try:
-        if site is not None and (was or keep):  # with and without the site, sharing the layers below it
-            plain, with_site = subgroup_accuracy_with_site(model, site, data["test"], device=device)
-            acc, acc_vl, acc_removed = (with_site, None, plain) if keep else (plain, with_site, None)
+        if measured is not None:
+            acc, shares, val_acc = measured["acc"], dict(measured["wm_relevance_share_by_subgroup"]), measured["val_acc"]
+            shares["all"] = measured["wm_relevance_share"]
+            if site is not None and was:
+                site.enabled = True
+                acc_vl = subgroup_accuracy(model, data["test"], device=device)
+                site.enabled = False
         else:
-            acc = subgroup_accuracy(model, data["test"], device=device)
-        # wm_share_images = 0 explains no image: NaN shares, no LRP pass
-        shares = wm_relevance_shares(model, data["test"], cfg.lrp, device=device,
-                                     max_images=max(cfg.wm_share_images, 0))
+            if site is not None and (was or keep):  # with and without the site, sharing the layers below it
+                plain, with_site = subgroup_accuracy_with_site(model, site, data["test"], device=device)
+                acc, acc_vl, acc_removed = (with_site, None, plain) if keep else (plain, with_site, None)
+            else:
+                acc = subgroup_accuracy(model, data["test"], device=device)
+            # wm_share_images = 0 explains no image: NaN shares, no LRP pass
+            shares = wm_relevance_shares(model, data["test"], cfg.lrp, device=device,
+                                         max_images=max(cfg.wm_share_images, 0))
+            val_acc = subgroup_accuracy(model, data["val"], device=device)
         entry = {
             "acc": acc,
-            "val_acc": subgroup_accuracy(model, data["val"], device=device),
+            "val_acc": val_acc,
             "wm_relevance_share": shares.pop("all"),
             "wm_relevance_share_by_subgroup": shares,
             "params": count_params(model) + extra_params,
@@ -349,6 +370,34 @@ def _evaluate(model: torch.nn.Module, data: PairData, cfg: PruneConfig, device, 
         entry["acc_virtual_layer"] = acc_vl
     if acc_removed is not None:
         entry["acc_ablation_removed"] = acc_removed
+    return entry
+
+
+def _unpruned_entry(model: torch.nn.Module, data: PairData, cfg: PruneConfig, device, image_size: int, keep: bool,
+                    filters: int, ckpt: Path | None, model_hash: str) -> dict:
+    """The schedule's step-0 entry: :func:`_evaluate` on the unpruned network.
+
+    Every method of a run directory starts from the same network, so its :data:`_MEASURED` values
+    are the same for all that deploy it plain (all but the keeping methods): the first method
+    measures them and leaves them beside its checkpoint (``unpruned_eval.pt``, keyed by the
+    network's weights, the test and validation data, the LRP rules, the number of explained
+    images, the memory format, the device type and torch's version); the others read them back.
+    The values are those a fresh measurement gives, to the bit (the same passes on the same
+    batches), so only the time is saved: one evaluation of the unpruned network per method.
+    """
+    if keep or ckpt is None:
+        return _evaluate(model, data, cfg, device, image_size, keep=keep, filters=filters)
+    path = ckpt.with_name("unpruned_eval.pt")
+    key = recipe_hash({"model": model_hash, "test": data["test"].fingerprint(), "val": data["val"].fingerprint(),
+                       "lrp": cfg.recipe()["lrp"], "wm_share_images": max(cfg.wm_share_images, 0),
+                       "memory_format": cfg.memory_format, "device": torch.device(device).type,
+                       "torch": torch.__version__})
+    blob = load_current(path, what="unpruned evaluation", then="measuring again", report=None,
+                        check=lambda b: None if isinstance(b, dict) and b.get("key") == key else "belongs to other inputs")
+    if blob is not None:
+        return _evaluate(model, data, cfg, device, image_size, filters=filters, measured=blob["measured"])
+    entry = _evaluate(model, data, cfg, device, image_size, filters=filters)
+    atomic_torch_save(path, {"key": key, "measured": {k: entry[k] for k in _MEASURED}})
     return entry
 
 
@@ -611,7 +660,8 @@ def run_pruning(
     if not curve:
         t0 = time.perf_counter()
         curve.append({"step": 0, "pruned": 0.0, "pruned_of_all": 0.0, "pruned_of_prunable": 0.0, "stage": "step",
-                      **_evaluate(model, data, cfg, device, image_size, keep=spec.keep, filters=sum(struct.widths))})
+                      **_unpruned_entry(model, data, cfg, device, image_size, spec.keep, sum(struct.widths),
+                                        ckpt, model_hash)})
         tick("evaluate", t0)
     removed_total = n_prunable - sum(w for i, w in enumerate(struct.widths) if i not in protect)
     steps = range(start_step, cfg.n_steps + 1)
