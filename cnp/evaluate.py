@@ -13,7 +13,7 @@ from torch import nn
 from cnp.data.splits import SUBGROUPS, Split, subgroup_name
 from cnp.images import normalize_images
 from cnp.lrp import LRP, LRPConfig
-from cnp.training import predict_logits
+from cnp.training import PREDICT_BATCH, predict_logits
 
 
 def _accuracy(logits: torch.Tensor, split: Split) -> dict[str, float]:
@@ -26,7 +26,7 @@ def _accuracy(logits: torch.Tensor, split: Split) -> dict[str, float]:
 
 
 def subgroup_accuracy(model: nn.Module, split: Split, device: torch.device | str = "cpu",
-                      batch_size: int = 256) -> dict[str, float]:
+                      batch_size: int = PREDICT_BATCH) -> dict[str, float]:
     """Accuracy overall (all images of ``split``) and per subgroup (NaN for an empty subgroup)."""
     return _accuracy(predict_logits(model, split.device_images(device), batch_size=batch_size, device=device),
                      split)
@@ -35,7 +35,7 @@ def subgroup_accuracy(model: nn.Module, split: Split, device: torch.device | str
 @torch.no_grad()
 def subgroup_accuracy_with_site(model: nn.Module, site: nn.Module, split: Split,
                                 device: torch.device | str = "cpu",
-                                batch_size: int = 256) -> tuple[dict[str, float], dict[str, float]]:
+                                batch_size: int = PREDICT_BATCH) -> tuple[dict[str, float], dict[str, float]]:
     """:func:`subgroup_accuracy` with ``site`` bypassed and with it active, in one pass.
 
     ``site`` is a context site attached to a :class:`cnp.models.VGG` (the virtual concept layer):

@@ -105,6 +105,15 @@ def _parse_spec(spec: str) -> tuple[str, float | None]:
     return name, value
 
 
+def _shift_away_from_zero(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """zennit's default stabiliser (:func:`zennit.core.stabilize` without clipping or scaling),
+    ``z + epsilon * s`` with ``s = +1`` where ``z >= 0`` (zero counted positive) and ``-1`` where
+    ``z < 0``, in three passes over ``z`` instead of six. The same numbers to the bit: both add
+    ``+-epsilon`` rounded to ``z``'s dtype (a NaN stays NaN)."""
+    eps = torch.tensor(epsilon, dtype=z.dtype, device=z.device)
+    return z + torch.where(z >= 0, eps, -eps)
+
+
 class NonNegativeZPlus(ZPlus):
     """zennit's :class:`~zennit.rules.ZPlus` that skips the negative-input term where a layer's
     input has no negative entry (every layer after a ReLU, i.e. all but the first).
@@ -116,6 +125,11 @@ class NonNegativeZPlus(ZPlus):
     negative entry takes ZPlus's own two passes.
     """
 
+    def __init__(self, stabilizer=1e-6, zero_params=None):
+        super().__init__(stabilizer=stabilizer, zero_params=zero_params)
+        # a plain epsilon: the stabiliser is computed by _shift_away_from_zero (same numbers)
+        self._epsilon = float(stabilizer) if isinstance(stabilizer, int | float) else None
+
     def backward(self, module, grad_input, grad_output):
         original = self.stored_tensors["input"][0]
         if bool((original < 0).any()):
@@ -123,10 +137,18 @@ class NonNegativeZPlus(ZPlus):
         x = original.clamp(min=0).requires_grad_()  # ZPlus's first input modifier
         with ParamMod.ensure(self.param_modifiers[0])(module) as modified, torch.autograd.enable_grad():
             out = self.output_modifiers[0](modified.forward(x))
-        grad_out = self.gradient_mapper(grad_output[0], [out])[0]
+        if self._epsilon is not None and not grad_output[0].requires_grad:
+            grad_out = grad_output[0] / _shift_away_from_zero(out.detach(), self._epsilon)
+        else:
+            grad_out = self.gradient_mapper(grad_output[0], [out])[0]
         (grad,) = torch.autograd.grad((out,), (x,), grad_outputs=(grad_out,), create_graph=grad_output[0].requires_grad)
         relevance = x * grad
         return tuple(relevance if original.shape == relevance.shape else None for original in grad_input)
+
+    def copy(self):
+        hook = super().copy()
+        hook._epsilon = self._epsilon
+        return hook
 
 
 def make_rule(spec: str, cfg: LRPConfig, device=None, bounds=None) -> Hook:

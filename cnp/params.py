@@ -327,7 +327,7 @@ PARAM_HELP: dict[str, str] = {
     "smoke": "tiny sizes and few steps (a check of the machinery, minutes on a CPU)",
     "memory_format": "channels_last (NHWC convolutions, faster) or contiguous (NCHW)",
     "drsa_precision": "DRSA's two large GEMMs: auto (bf16 where the device computes it natively, else fp32), bf16, fp32",
-    "precision": "the fine-tunes' arithmetic: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 (also on CPUs with native bf16: AVX512-BF16, AMX), fp32",
+    "precision": "the fine-tunes' arithmetic: auto or bf16 (bf16 autocast where the device computes bf16 natively: CUDA, CPUs with AVX512-BF16 or AMX; fp32 elsewhere), fp32",
     # data
     "pair": "class pair: carton-dugong (easy), crate-packet (hard), basketball (Figure 1 demo); imagenet/folder: or a manifest file",
     "dataset": "synthetic (the embedded benchmark, no download), imagenet (an ImageNet tree) or folder (any tree a manifest describes)",

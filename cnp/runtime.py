@@ -43,9 +43,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 #: values of the ``precision`` parameter (the fine-tunes' arithmetic; ranking, LRP and evaluation
-#: are always fp32): ``auto`` = bf16 autocast on CUDA, fp32 on the CPU; ``bf16`` = bf16 autocast
-#: on every device that computes bf16 natively (:func:`bf16_native`; fp32 elsewhere, where bf16
-#: would be emulated and slower); ``fp32`` everywhere
+#: are always fp32): ``auto`` and ``bf16`` = bf16 autocast on every device that computes bf16
+#: natively (:func:`bf16_native`: CUDA, CPUs with AVX512-BF16 or AMX; fp32 elsewhere, where bf16
+#: would be emulated and slower); ``fp32`` everywhere. (Before version 0.5, ``auto`` was fp32 on
+#: every CPU.)
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 #: values of the ``memory_format`` parameter (the layout of the convolutions' weights and activations)
 MEMORY_FORMATS: tuple[str, ...] = ("channels_last", "contiguous")
@@ -65,10 +66,15 @@ def bf16_native(device: str | torch.device) -> bool:
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:
     """The arithmetic of the fine-tunes for a ``precision`` parameter (:data:`PRECISIONS`) on
-    ``device``: ``"bf16"`` (autocast) or ``"fp32"``."""
+    ``device``: ``"bf16"`` (autocast) or ``"fp32"``.
+
+    ``auto`` (like ``bf16``) is bf16 where the device computes it natively: on a CPU with AMX the
+    fine-tunes of the embedded benchmark run 2.1x faster (docs/performance.md, where the 10-seed
+    comparison with fp32 fine-tunes is), and the arithmetic is that of CUDA's bf16 autocast.
+    """
     if precision not in PRECISIONS:
         raise CNPError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32" or (precision == "auto" and torch.device(device).type != "cuda"):
+    if precision == "fp32":
         return "fp32"
     return "bf16" if bf16_native(device) else "fp32"
 

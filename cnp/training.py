@@ -76,8 +76,17 @@ def train_epoch(
     return float(total) / max(count, 1)
 
 
+#: Images per forward pass where a network only predicts (evaluation, the warm-up's features). A
+#: per-image forward pass does not depend on the batch it is in (the same logits to the bit at 64,
+#: 256 or 1200 on the CPU, ``bench/bench_eval_batch.py``), so this is a matter of speed: on the
+#: embedded benchmark's 48 px network, one thread of an Intel Xeon, batches of 64 took 1.15x less
+#: time than batches of 256 unpruned and at 40 % removed, the same at 70 % (the first layers'
+#: activations stay closer to the core; ``bench/results/eval_batch_cpu-xeon-amx-2026-12-07.json``).
+PREDICT_BATCH = 64
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, images_uint8: torch.Tensor, batch_size: int = 256,
+def predict_logits(model: nn.Module, images_uint8: torch.Tensor, batch_size: int = PREDICT_BATCH,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """Logits of the model (eval mode) for uint8 images, on the CPU.
 

@@ -20,6 +20,7 @@ from cnp.images import normalize_images
 from cnp.io import CNPError
 from cnp.models import VGG, replace_head
 from cnp.runtime import progress
+from cnp.training import PREDICT_BATCH
 
 HEAD_CHOICES = ("fc8", "classifier")
 
@@ -33,7 +34,7 @@ class WarmupResult:
 
 
 @torch.no_grad()
-def _features(model: VGG, split: Split, device, batch_size: int = 256) -> torch.Tensor:
+def _features(model: VGG, split: Split, device, batch_size: int = PREDICT_BATCH) -> torch.Tensor:
     model.eval()
     out = []
     for start in range(0, len(split), batch_size):
@@ -143,7 +144,7 @@ def replace_last_linear(model: nn.Module, num_classes: int, generator: torch.Gen
 
 
 @torch.no_grad()
-def _head_inputs(model: nn.Module, head: nn.Module, split: Split, device, batch_size: int = 256) -> torch.Tensor:
+def _head_inputs(model: nn.Module, head: nn.Module, split: Split, device, batch_size: int = PREDICT_BATCH) -> torch.Tensor:
     model.eval()
     grabbed: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda m, inp: grabbed.append(inp[0].detach()))

@@ -42,6 +42,29 @@ def test_nonnegative_zplus_equals_zennit_zplus_to_the_bit(make_tiny_vgg, monkeyp
         assert torch.equal(fast.filter_relevance[k], ref.filter_relevance[k]), k
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_stabiliser_equals_zenniths_to_the_bit(dtype):
+    """``z + eps * s`` as :func:`zennit.core.stabilize` computes it, on the values where a shortcut
+    could differ: signed zeros, subnormals, values near +-eps, infinities, NaN; and a rule copied by
+    a composite keeps the fast path."""
+    from zennit.core import stabilize
+
+    from cnp.lrp import _shift_away_from_zero
+
+    tiny = torch.finfo(dtype).tiny
+    special = torch.tensor([0.0, -0.0, tiny / 4, -tiny / 4, 1e-6, -1e-6, 5e-7, -5e-7, 1.0, -3.5, 1e30,
+                            float("inf"), float("-inf")], dtype=dtype)
+    z = torch.cat([special, torch.randn(10000, dtype=dtype, generator=torch.Generator().manual_seed(0)) * 1e-5])
+    for eps in (1e-6, 0.25, 1e-9):
+        got, ref = _shift_away_from_zero(z, eps), stabilize(z, eps)
+        assert got.dtype == ref.dtype and torch.equal(got.view(-1), ref.view(-1)), eps
+        assert torch.equal(torch.signbit(got), torch.signbit(ref))
+    nan = torch.tensor([float("nan")], dtype=dtype)
+    assert torch.isnan(_shift_away_from_zero(nan, 1e-6)).all()
+    rule = NonNegativeZPlus(stabilizer=1e-3)
+    assert rule.copy()._epsilon == 1e-3 and NonNegativeZPlus(stabilizer=lambda t: t).copy()._epsilon is None
+
+
 def test_nonnegative_zplus_skips_the_zero_term_and_keeps_both_for_negative_inputs():
     """One modified pass for an input >= 0 (two for ZPlus); an input with a negative entry takes
     ZPlus's own two passes, with the same relevance as ZPlus."""
@@ -93,8 +116,8 @@ def test_set_memory_format_converts_the_conv_weights_and_refuses_unknown_formats
 
 def test_precision_resolves_by_the_device(monkeypatch):
     monkeypatch.setattr(runtime, "bf16_native", lambda device: True)
-    # auto: bf16 on CUDA, fp32 on the CPU; bf16: wherever native; fp32: everywhere
-    assert [resolve_precision(p, "cpu") for p in ("auto", "bf16", "fp32")] == ["fp32", "bf16", "fp32"]
+    # auto and bf16: bf16 wherever native (CUDA, a CPU with AVX512-BF16 or AMX); fp32: everywhere
+    assert [resolve_precision(p, "cpu") for p in ("auto", "bf16", "fp32")] == ["bf16", "bf16", "fp32"]
     assert [resolve_precision(p, "cuda") for p in ("auto", "bf16", "fp32")] == ["bf16", "bf16", "fp32"]
     monkeypatch.setattr(runtime, "bf16_native", lambda device: False)  # emulated bf16 is never used
     assert [resolve_precision(p, "cpu") for p in ("auto", "bf16", "fp32")] == ["fp32", "fp32", "fp32"]
@@ -104,8 +127,11 @@ def test_precision_resolves_by_the_device(monkeypatch):
     from cnp.pruning.schedule import _bf16
 
     monkeypatch.setattr(runtime, "bf16_native", lambda device: True)
-    assert not _bf16(PruneConfig(), "cpu") and _bf16(PruneConfig(precision="bf16"), "cpu")
+    assert _bf16(PruneConfig(), "cpu") and _bf16(PruneConfig(precision="bf16"), "cpu")
+    assert not _bf16(PruneConfig(precision="fp32"), "cpu")
     assert not _bf16(PruneConfig(precision="bf16", amp=False), "cpu")
+    monkeypatch.setattr(runtime, "bf16_native", lambda device: False)
+    assert not _bf16(PruneConfig(), "cpu") and not _bf16(PruneConfig(precision="bf16"), "cpu")
     with pytest.raises(CNPError, match="precision must be one of"):
         PruneConfig(precision="half")
 

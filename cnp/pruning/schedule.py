@@ -208,9 +208,9 @@ class PruneConfig:
         Allow bf16 autocast in the fine-tunes where ``precision`` asks for it (``False``: fp32
         everywhere).
     precision : str
-        The fine-tunes' arithmetic (:data:`cnp.runtime.PRECISIONS`): ``auto`` = bf16 autocast on
-        CUDA, fp32 on the CPU; ``bf16`` = bf16 autocast also on CPUs with native bf16
-        (AVX512-BF16, AMX); ``fp32``. Ranking, LRP and evaluation always run in fp32.
+        The fine-tunes' arithmetic (:data:`cnp.runtime.PRECISIONS`): ``auto`` (and ``bf16``) =
+        bf16 autocast where the device computes bf16 natively (CUDA, CPUs with AVX512-BF16 or
+        AMX), fp32 elsewhere; ``fp32`` everywhere. Ranking, LRP and evaluation always run in fp32.
     memory_format : str
         ``channels_last`` (NHWC convolutions, faster on CPUs and GPUs) or ``contiguous`` (NCHW,
         the arithmetic of versions before 0.4); the model is put into it at the start and after
