@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
         for b in args.batches:
             rows.append({"network": tag(removed), "batch": b, "median_s": med[b], "min_s": min(times[b]),
                          "max_s": max(times[b]), "speedup_vs_largest": base / med[b],
-                         "logits_identical_to_batch_%d" % args.batches[0]: same[b]})
+                         f"logits_identical_to_batch_{args.batches[0]}": same[b]})
         print(f"{tag(removed):>12}: " + "  ".join(f"batch {b}: {med[b]:.3f} s ({base / med[b]:.2f}x)"
                                                   for b in args.batches)
               + ("" if all(same.values()) else f"  LOGITS DIFFER: {same}"))

@@ -477,6 +477,36 @@ def _trace(model: nn.Module, x: torch.Tensor, passthrough) -> tuple[list[nn.Modu
     return order, readers
 
 
+class _RuleOnlyBackward(torch.autograd.Function):
+    """A layer's output whose backward hands its input a zero gradient (no computation).
+
+    zennit runs a layer's rule from a hook on the node of an identity placed before the layer:
+    when the gradient reaches that node, the hook replaces it by the rule's relevance (computed
+    from the layer's stored input and the gradient at its output). The gradient that autograd
+    computed through the layer itself (for a convolution, a transposed convolution as costly as
+    the forward pass) is thrown away there. This function stands in for the layer's own backward
+    so that it is never computed: the relevance, and everything after it, is the same to the bit.
+    """
+
+    @staticmethod
+    def forward(ctx, x, out):
+        ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros((), dtype=ctx.dtype, device=ctx.device).expand(ctx.shape), None
+
+
+def _rule_only_backward(module, inputs, output):
+    """Forward hook: ``output`` with :class:`_RuleOnlyBackward` as its gradient function (only
+    where the layer's input needs a gradient; the rule's hook then supplies it)."""
+    x = inputs[0] if inputs else None
+    if not isinstance(x, torch.Tensor) or not x.requires_grad or not isinstance(output, torch.Tensor):
+        return None
+    return _RuleOnlyBackward.apply(x, output.detach())
+
+
 class LRP:
     """LRP for a model, with rules from an :class:`LRPConfig`.
 
@@ -634,6 +664,12 @@ class LRP:
             return fwd
 
         sites = find_sites(model)
+        # the first forward hooks of their layers (before zennit's and any a caller registered,
+        # which then see this output; see _RuleOnlyBackward): the convolutions, linear layers
+        # and ReLUs under a rule skip their own input gradient, which zennit's hook throws away
+        handles.extend(m.register_forward_hook(_rule_only_backward, prepend=True) for m in set(order)
+                       if (isinstance(m, nn.Conv2d | nn.Linear) and isinstance(rules.get(m), BasicHook))
+                       or (isinstance(m, nn.ReLU) and isinstance(rules.get(m), Pass)))
         with composite.context(model):
             for n, m in model.named_modules():
                 is_conv = bool(filters) and isinstance(m, nn.Conv2d)

@@ -71,7 +71,7 @@ from cnp.models import (
 from cnp.params import BENCHMARK_DEFAULTS, FIELDS, SMOKE, Params
 from cnp.pretrain import BackboneConfig, load_backbone, load_torchvision_backbone
 from cnp.pruning import PruneConfig, run_pruning
-from cnp.pruning.schedule import METHOD_SPECS, METHODS
+from cnp.pruning.schedule import METHOD_SPECS, METHODS, record_unpruned_evaluation
 from cnp.resources import default_run_dir
 from cnp.runtime import (
     StageTimer,
@@ -641,6 +641,15 @@ def run_prune(run: Run, verbose: bool = True) -> dict:
     abl = run_ablate(run, verbose)
     cfg = prune_config(p)
     curves, timings = dict(summary["curves"]) if summary else {}, dict(summary["timings"]) if summary else {}
+    todo = [m for m in p.pruning.methods if m not in curves]
+    if any(not METHOD_SPECS[m].keep for m in todo):
+        # the warm-up stage measured the network every schedule starts from, on the same splits
+        # with the same functions: its numbers are the schedules' step 0, to the bit
+        warm = run_warmup(run, verbose)
+        if warm.get("wm_share_images") == cfg.wm_share_images:
+            record_unpruned_evaluation(warm_model(run), run.data(), cfg, {k: warm[k] for k in (
+                "acc", "val_acc", "wm_relevance_share", "wm_relevance_share_by_subgroup")},
+                run.dir / "prune", device=run.device)
     for method in p.pruning.methods:
         if method in curves:
             continue

@@ -334,3 +334,53 @@ def test_attaching_a_site_does_not_change_the_state_dict(tiny_vgg):
     attach_site(tiny_vgg, "fc7", ContextSite())  # a host with parameters
     assert list(tiny_vgg.state_dict()) == keys
     assert len(list(tiny_vgg.named_modules(remove_duplicate=False))) == len(list(tiny_vgg.named_modules()))
+
+
+class _CountConvGrads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the transposed convolutions (``aten.convolution_backward``) run inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cfg", [LRPConfig(), LRPConfig(variant="epsilon"), LRPConfig(variant="gamma")],
+                         ids=["a1b0", "epsilon", "gamma"])
+def test_layers_under_a_rule_skip_their_own_gradient_with_the_same_relevance(make_tiny_vgg, tiny_x, random_U,
+                                                                            monkeypatch, cfg):
+    """zennit replaces the gradient that autograd computes through a ruled layer by the rule's
+    relevance; LRP never computes that gradient (one transposed convolution less per conv) and
+    gives the same relevance, filter sums, concept relevance and logits, to the bit."""
+    import cnp.lrp as lrp_mod
+    from cnp.virtual_layer import insert_virtual_layer
+
+    model = make_tiny_vgg(seed=5, bias_std=0.1)
+    vl = insert_virtual_layer(model, random_U(16), 4)
+    vl.set_ablation([1], "zero")
+    seen = []   # a caller's hook on a ruled layer still sees the tensor the relevance flows through
+
+    def grab(m, i, o):
+        if o.requires_grad:
+            o.register_hook(lambda g: seen.append(g.clone()))
+
+    handle = model.features[22].register_forward_hook(grab)
+
+    def run():
+        seen.clear()
+        with _CountConvGrads() as count:
+            out = LRP(model, cfg).attribute(tiny_x, 1, filters=True)
+        return out, vl.last_concept_relevance.clone(), seen[0], count.n
+
+    fast, c_fast, a_fast, n_fast = run()
+    monkeypatch.setattr(lrp_mod, "_rule_only_backward", lambda *args: None)   # zennit's own way
+    ref, c_ref, a_ref, n_ref = run()
+    handle.remove()
+    assert n_ref - n_fast == len(CONVS), (n_fast, n_ref)
+    assert torch.equal(fast.input_relevance, ref.input_relevance) and torch.equal(fast.logits, ref.logits)
+    assert all(torch.equal(fast.filter_relevance[k], ref.filter_relevance[k]) for k in ref.filter_relevance)
+    assert torch.equal(c_fast, c_ref) and torch.equal(a_fast, a_ref)

@@ -577,6 +577,39 @@ def test_methods_of_a_run_dir_share_the_unpruned_evaluation(tiny_vgg, tiny_pair,
     assert not any(evaluations)
 
 
+def test_recorded_unpruned_measurements_are_the_schedules_step_0(tiny_vgg, tiny_pair, random_U, tmp_path,
+                                                                  monkeypatch):
+    """What the pipeline's warm-up measures (test and validation accuracy, watermark shares of the
+    same network) is what step 0 would measure, to the bit: recorded, it is read back; recorded
+    for another network, it is not used."""
+    from cnp.evaluate import subgroup_accuracy, wm_relevance_shares
+    from cnp.runtime import set_memory_format
+
+    net = set_memory_format(copy.deepcopy(tiny_vgg), CFG.memory_format)
+    shares = wm_relevance_shares(net, tiny_pair["test"], CFG.lrp, max_images=CFG.wm_share_images)
+    measured = {"acc": subgroup_accuracy(net, tiny_pair["test"]), "val_acc": subgroup_accuracy(net, tiny_pair["val"]),
+                "wm_relevance_share": shares.pop("all"), "wm_relevance_share_by_subgroup": shares}
+    with pytest.raises(CNPError, match="measured lacks"):
+        schedule.record_unpruned_evaluation(tiny_vgg, tiny_pair, CFG, {"acc": measured["acc"]}, tmp_path)
+    path = schedule.record_unpruned_evaluation(tiny_vgg, tiny_pair, CFG, measured, tmp_path)
+    assert path == tmp_path / schedule.UNPRUNED_EVALUATION
+    cs = _concept_state(random_U(D))
+    alone = run_pruning(tiny_vgg, tiny_pair, "cnp", CFG, concept_state=cs, seed=1, verbose=False)
+    lrp_passes = []
+    real_shares = schedule.wm_relevance_shares
+    monkeypatch.setattr(schedule, "wm_relevance_shares", lambda *a, **k: lrp_passes.append(1) or real_shares(*a, **k))
+    res = run_pruning(tiny_vgg, tiny_pair, "cnp", CFG, concept_state=cs, seed=1, run_dir=tmp_path, verbose=False)
+    assert len(lrp_passes) == len(res.curve) - 1 and _curves_equal(res.curve, alone.curve)
+    # measurements of another network are not taken for this one
+    other = copy.deepcopy(tiny_vgg)
+    with torch.no_grad():
+        other.classifier[-1].weight.mul_(-1.0)
+    schedule.record_unpruned_evaluation(other, tiny_pair, CFG, measured, tmp_path / "b")
+    lrp_passes.clear()
+    res = run_pruning(tiny_vgg, tiny_pair, "vanilla", CFG, seed=1, run_dir=tmp_path / "b", verbose=False)
+    assert len(lrp_passes) == len(res.curve)
+
+
 def test_schedule_input_errors(tiny_vgg, tiny_pair, random_U):
     for bad in (0.0, 1.0, 1.5, -0.2):
         with pytest.raises(CNPError, match="target pruning rate"):

@@ -387,11 +387,8 @@ def _unpruned_entry(model: torch.nn.Module, data: PairData, cfg: PruneConfig, de
     """
     if keep or ckpt is None:
         return _evaluate(model, data, cfg, device, image_size, keep=keep, filters=filters)
-    path = ckpt.with_name("unpruned_eval.pt")
-    key = recipe_hash({"model": model_hash, "test": data["test"].fingerprint(), "val": data["val"].fingerprint(),
-                       "lrp": cfg.recipe()["lrp"], "wm_share_images": max(cfg.wm_share_images, 0),
-                       "memory_format": cfg.memory_format, "device": torch.device(device).type,
-                       "torch": torch.__version__})
+    path = ckpt.with_name(UNPRUNED_EVALUATION)
+    key = _unpruned_key(model_hash, data, cfg, device)
     blob = load_current(path, what="unpruned evaluation", then="measuring again", report=None,
                         check=lambda b: None if isinstance(b, dict) and b.get("key") == key else "belongs to other inputs")
     if blob is not None:
@@ -399,6 +396,46 @@ def _unpruned_entry(model: torch.nn.Module, data: PairData, cfg: PruneConfig, de
     entry = _evaluate(model, data, cfg, device, image_size, filters=filters)
     atomic_torch_save(path, {"key": key, "measured": {k: entry[k] for k in _MEASURED}})
     return entry
+
+
+#: the file beside the pruning checkpoints that holds the unpruned network's step-0 measurements
+UNPRUNED_EVALUATION = "unpruned_eval.pt"
+
+
+def _model_hash(model: torch.nn.Module) -> str:
+    return tensor_hash(*[v for _, v in sorted(model.state_dict().items())])
+
+
+def _unpruned_key(model_hash: str, data: PairData, cfg: PruneConfig, device) -> str:
+    return recipe_hash({"model": model_hash, "test": data["test"].fingerprint(), "val": data["val"].fingerprint(),
+                        "lrp": cfg.recipe()["lrp"], "wm_share_images": max(cfg.wm_share_images, 0),
+                        "memory_format": cfg.memory_format, "device": torch.device(device).type,
+                        "torch": torch.__version__})
+
+
+def record_unpruned_evaluation(model: torch.nn.Module, data: PairData, config: PruneConfig, measured: dict,
+                               run_dir: str | Path, device: torch.device | str = "cpu") -> Path:
+    """Leave measurements of the unpruned ``model`` where :func:`run_pruning`'s step 0 reads them.
+
+    For a caller that has already evaluated the network the schedule starts from (the pipeline's
+    warm-up stage measures the warmed-up model on the same test and validation splits, with the
+    same functions and LRP rules): ``measured`` holds ``acc`` and ``val_acc``
+    (:func:`cnp.evaluate.subgroup_accuracy` of ``data["test"]`` and ``data["val"]``),
+    ``wm_relevance_share`` and ``wm_relevance_share_by_subgroup``
+    (:func:`cnp.evaluate.wm_relevance_shares` of ``data["test"]`` with ``config.lrp`` on at most
+    ``config.wm_share_images`` images), of ``model`` in ``config.memory_format`` on ``device``.
+    The file is keyed like the schedule's own, so it serves only runs of this network, data and
+    settings. Returns its path (``run_dir/unpruned_eval.pt``).
+    """
+    missing = [k for k in _MEASURED if k not in measured]
+    if missing:
+        raise CNPError(f"measured lacks {missing}: record the test and validation accuracy and the watermark shares")
+    net = set_memory_format(copy.deepcopy(model).to(device).eval(), config.memory_format)
+    remove_virtual_layer(net)
+    key = _unpruned_key(_model_hash(net), data, config, device)
+    path = Path(run_dir) / UNPRUNED_EVALUATION
+    atomic_torch_save(path, {"key": key, "measured": {k: measured[k] for k in _MEASURED}})
+    return path
 
 
 def _kept_extra(model: torch.nn.Module, vl: VirtualLayer | None, image_size: int) -> tuple[int, int]:
@@ -593,7 +630,7 @@ def run_pruning(
                        f"{n_basis} filters cannot be reached: only {n_prunable} filters are prunable "
                        f"(one is kept per layer); lower target or use rate_of='prunable'")
     fresh = spec.refit == "fresh"
-    model_hash = tensor_hash(*[v for _, v in sorted(model.state_dict().items())])
+    model_hash = _model_hash(model)
 
     def key_of(m: str) -> str:
         recipe, ms = cfg.recipe(), METHOD_SPECS[m]
@@ -813,5 +850,5 @@ def _try_resume(path: Path | None, key: str, verbose: bool) -> dict | None:
     return blob
 
 
-__all__ = ["METHODS", "METHOD_SPECS", "RATE_BASES", "Method", "PruneConfig", "PruneResult", "reidentify_by_overlap",
-           "run_pruning"]
+__all__ = ["METHODS", "METHOD_SPECS", "RATE_BASES", "UNPRUNED_EVALUATION", "Method", "PruneConfig", "PruneResult",
+           "record_unpruned_evaluation", "reidentify_by_overlap", "run_pruning"]
