@@ -598,7 +598,9 @@ def run_pruning(
         For the concept methods (``cnp``, its variants and ``vanilla-posthoc``): the virtual layer
         (``VirtualLayer.state()``: U, K, ablated, mode, mean, layer).
     run_dir : path, optional
-        Where ``prune_<method>.pt`` checkpoints go; a run with the same inputs resumes there.
+        Where ``prune_<method>.pt`` checkpoints go; a run with the same inputs resumes there. The
+        methods of one run directory share the unpruned network's step-0 measurements
+        (``unpruned_eval.pt``; :func:`record_unpruned_evaluation`).
     """
     cfg = config or PruneConfig()
     if method not in METHODS:
