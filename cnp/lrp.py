@@ -667,31 +667,35 @@ class LRP:
         # the first forward hooks of their layers (before zennit's and any a caller registered,
         # which then see this output; see _RuleOnlyBackward): the convolutions, linear layers
         # and ReLUs under a rule skip their own input gradient, which zennit's hook throws away
-        handles.extend(m.register_forward_hook(_rule_only_backward, prepend=True) for m in set(order)
-                       if (isinstance(m, nn.Conv2d | nn.Linear) and isinstance(rules.get(m), BasicHook))
-                       or (isinstance(m, nn.ReLU) and isinstance(rules.get(m), Pass)))
-        with composite.context(model):
-            for n, m in model.named_modules():
-                is_conv = bool(filters) and isinstance(m, nn.Conv2d)
-                if is_conv or n in layer_mods:
-                    handles.append(m.register_forward_hook(grad_hook_factory(n, is_conv)))
-            for s in sites:  # after zennit's and the layer hooks: the site sees the layer's own output
-                s.clear()
-                s.reattach()
-            try:
-                xin = x.detach().clone().requires_grad_(True)
-                with torch.enable_grad():
-                    logits = model(xin)
-                    if isinstance(target, int):
-                        tgt = torch.full((x.shape[0],), target, dtype=torch.long, device=device)
-                    else:
-                        tgt = torch.as_tensor(target, device=device).long()
-                    onehot = torch.zeros_like(logits).scatter_(1, tgt[:, None], 1.0)
-                    top = (logits * onehot).detach()
-                    (grad,) = torch.autograd.grad(logits, xin, grad_outputs=top)
-            finally:
-                for h in handles:
-                    h.remove()
+        skips = [m.register_forward_hook(_rule_only_backward, prepend=True) for m in set(order)
+                 if (isinstance(m, nn.Conv2d | nn.Linear) and isinstance(rules.get(m), BasicHook))
+                 or (isinstance(m, nn.ReLU) and isinstance(rules.get(m), Pass))]
+        try:
+            with composite.context(model):
+                for n, m in model.named_modules():
+                    is_conv = bool(filters) and isinstance(m, nn.Conv2d)
+                    if is_conv or n in layer_mods:
+                        handles.append(m.register_forward_hook(grad_hook_factory(n, is_conv)))
+                for s in sites:  # after zennit's and the layer hooks: the site sees the layer's own output
+                    s.clear()
+                    s.reattach()
+                try:
+                    xin = x.detach().clone().requires_grad_(True)
+                    with torch.enable_grad():
+                        logits = model(xin)
+                        if isinstance(target, int):
+                            tgt = torch.full((x.shape[0],), target, dtype=torch.long, device=device)
+                        else:
+                            tgt = torch.as_tensor(target, device=device).long()
+                        onehot = torch.zeros_like(logits).scatter_(1, tgt[:, None], 1.0)
+                        top = (logits * onehot).detach()
+                        (grad,) = torch.autograd.grad(logits, xin, grad_outputs=top)
+                finally:
+                    for h in handles:
+                        h.remove()
+        finally:
+            for h in skips:
+                h.remove()
         if was_training:
             model.train()
         return Attribution(
