@@ -593,6 +593,9 @@ def test_recorded_unpruned_measurements_are_the_schedules_step_0(tiny_vgg, tiny_
         schedule.record_unpruned_evaluation(tiny_vgg, tiny_pair, CFG, {"acc": measured["acc"]}, tmp_path)
     path = schedule.record_unpruned_evaluation(tiny_vgg, tiny_pair, CFG, measured, tmp_path)
     assert path == tmp_path / schedule.UNPRUNED_EVALUATION
+    written = path.stat().st_mtime_ns
+    schedule.record_unpruned_evaluation(tiny_vgg, tiny_pair, CFG, measured, tmp_path)
+    assert path.stat().st_mtime_ns == written   # the same inputs: not written again
     cs = _concept_state(random_U(D))
     alone = run_pruning(tiny_vgg, tiny_pair, "cnp", CFG, concept_state=cs, seed=1, verbose=False)
     lrp_passes = []

@@ -425,7 +425,8 @@ def record_unpruned_evaluation(model: torch.nn.Module, data: PairData, config: P
     (:func:`cnp.evaluate.wm_relevance_shares` of ``data["test"]`` with ``config.lrp`` on at most
     ``config.wm_share_images`` images), of ``model`` in ``config.memory_format`` on ``device``.
     The file is keyed like the schedule's own, so it serves only runs of this network, data and
-    settings. Returns its path (``run_dir/unpruned_eval.pt``).
+    settings; one that holds measurements of the same inputs already is left as it is. Returns
+    its path (``run_dir/unpruned_eval.pt``).
     """
     missing = [k for k in _MEASURED if k not in measured]
     if missing:
@@ -434,7 +435,10 @@ def record_unpruned_evaluation(model: torch.nn.Module, data: PairData, config: P
     remove_virtual_layer(net)
     key = _unpruned_key(_model_hash(net), data, config, device)
     path = Path(run_dir) / UNPRUNED_EVALUATION
-    atomic_torch_save(path, {"key": key, "measured": {k: measured[k] for k in _MEASURED}})
+    held = load_current(path, what="unpruned evaluation", report=None,
+                        check=lambda b: None if isinstance(b, dict) and b.get("key") == key else "belongs to other inputs")
+    if held is None:  # a file of the same inputs is not written again
+        atomic_torch_save(path, {"key": key, "measured": {k: measured[k] for k in _MEASURED}})
     return path
 
 
