@@ -389,8 +389,7 @@ def _unpruned_entry(model: torch.nn.Module, data: PairData, cfg: PruneConfig, de
         return _evaluate(model, data, cfg, device, image_size, keep=keep, filters=filters)
     path = ckpt.with_name(UNPRUNED_EVALUATION)
     key = _unpruned_key(model_hash, data, cfg, device)
-    blob = load_current(path, what="unpruned evaluation", then="measuring again", report=None,
-                        check=lambda b: None if isinstance(b, dict) and b.get("key") == key else "belongs to other inputs")
+    blob = _held_unpruned(path, key)
     if blob is not None:
         return _evaluate(model, data, cfg, device, image_size, filters=filters, measured=blob["measured"])
     entry = _evaluate(model, data, cfg, device, image_size, filters=filters)
@@ -404,6 +403,13 @@ UNPRUNED_EVALUATION = "unpruned_eval.pt"
 
 def _model_hash(model: torch.nn.Module) -> str:
     return tensor_hash(*[v for _, v in sorted(model.state_dict().items())])
+
+
+def _held_unpruned(path: Path, key: str) -> dict | None:
+    """The unpruned measurements stored at ``path`` for ``key``; ``None`` when there are none
+    (no file, an unreadable one, or one of other inputs)."""
+    return load_current(path, what="unpruned evaluation", report=None,
+                        check=lambda b: None if isinstance(b, dict) and b.get("key") == key else "belongs to other inputs")
 
 
 def _unpruned_key(model_hash: str, data: PairData, cfg: PruneConfig, device) -> str:
@@ -435,9 +441,7 @@ def record_unpruned_evaluation(model: torch.nn.Module, data: PairData, config: P
     remove_virtual_layer(net)
     key = _unpruned_key(_model_hash(net), data, config, device)
     path = Path(run_dir) / UNPRUNED_EVALUATION
-    held = load_current(path, what="unpruned evaluation", report=None,
-                        check=lambda b: None if isinstance(b, dict) and b.get("key") == key else "belongs to other inputs")
-    if held is None:  # a file of the same inputs is not written again
+    if _held_unpruned(path, key) is None:  # a file of the same inputs is not written again
         atomic_torch_save(path, {"key": key, "measured": {k: measured[k] for k in _MEASURED}})
     return path
 
